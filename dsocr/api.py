@@ -1,0 +1,118 @@
+"""The small public API: load a model (folder or variant name) and run it on an image.
+
+``OCR`` ties together preprocessing, the tokenizer's placeholder expansion, vision encoding and the
+engine's generation loop. It owns no model math (``model.py``) and no sampling logic (``engine/``).
+
+The embedded default, dsocr-mini, lives in ``dsocr/assets/dsocr-mini/`` once trained; until then
+``load_model()`` with no argument says so instead of running random weights silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dsocr.configs import CONFIGS, Mode, get_mode
+from dsocr.engine.generate import generate_greedy
+from dsocr.language.tokenizer import PROMPTS, Tokenizer, build_prompt_ids, byte_tokenizer
+from dsocr.model import DeepseekOCRForCausalLM
+from dsocr.vision.preprocess import ImageInputs, check_image_size, preprocess_image
+from dsocr.weights import load_checkpoint
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = "dsocr-mini"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model_source(source: str | Path | None) -> Path | str:
+    """A checkpoint folder for ``source``: a path, a bundled model name, or a config variant name."""
+    source = DEFAULT_MODEL if source is None else source
+    if Path(source).exists():
+        return Path(source)
+    bundled = ASSETS / str(source)
+    if (bundled / "config.json").is_file():
+        return bundled
+    if str(source) == DEFAULT_MODEL:
+        raise FileNotFoundError(
+            f"the bundled {DEFAULT_MODEL} weights are not in {bundled} yet; pass --model with a "
+            "checkpoint folder (e.g. the official DeepSeek-OCR download) or a variant name"
+        )
+    if str(source) in CONFIGS:
+        return str(source)
+    raise FileNotFoundError(
+        f"{source}: no such checkpoint folder, bundled model or variant ({', '.join(CONFIGS)})"
+    )
+
+
+@dataclass
+class OCR:
+    """A loaded model plus its tokenizer; ``generate(image, prompt)`` returns the decoded text."""
+
+    model: DeepseekOCRForCausalLM
+    tokenizer: Tokenizer
+    source: str = ""
+
+    def preprocess(self, image: Image.Image | str | Path, mode: str | Mode) -> ImageInputs:
+        if not isinstance(image, Image.Image):
+            path = image
+            image = Image.open(path)
+            check_image_size(image)
+            image.load()
+        return preprocess_image(image, get_mode(mode))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image: Image.Image | str | Path | None,
+        prompt: str = PROMPTS["free"],
+        mode: str | Mode = "base",
+        max_new_tokens: int = 512,
+    ) -> str:
+        """Decode one image (or a text-only prompt when ``image`` is None) greedily to text."""
+        if image is None:
+            ids, embeds = build_prompt_ids(self.tokenizer, prompt, []), [None]
+        else:
+            inputs = self.preprocess(image, mode)
+            ids = build_prompt_ids(self.tokenizer, prompt, [inputs.num_tokens])
+            embeds = self.model.encode_images([inputs])
+        (new,) = generate_greedy(
+            self.model,
+            [ids],
+            embeds,
+            max_new_tokens=max_new_tokens,
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+        )
+        if new and new[-1] == self.tokenizer.eos_id:
+            new = new[:-1]
+        return self.tokenizer.decode(new).strip()
+
+
+def load_model(
+    source: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None
+) -> OCR:
+    """Load a checkpoint folder, a bundled model (default: dsocr-mini) or a random-weight variant.
+
+    ``dtype=None`` picks float32 on CPU and bfloat16 on GPUs.
+    """
+    device = device or default_device()
+    resolved = resolve_model_source(source)
+    model = load_checkpoint(resolved, device=device, dtype=dtype)
+    if isinstance(resolved, Path) and (resolved / "tokenizer.json").is_file():
+        tok = Tokenizer.from_folder(resolved)
+    elif model.config.language.vocab_size < 1000:
+        tok = Tokenizer(byte_tokenizer(vocab_size=model.config.language.vocab_size))
+    else:
+        raise FileNotFoundError(f"{resolved}: no tokenizer.json beside the weights")
+    if tok.image_id != model.config.image_token_id:
+        raise ValueError(
+            f"{resolved}: tokenizer's <image> id {tok.image_id} != config image_token_id "
+            f"{model.config.image_token_id}"
+        )
+    return OCR(model, tok, str(resolved))

@@ -1,0 +1,218 @@
+"""DeepSeek-V2 mixture-of-experts decoder, on the path the DeepSeek-OCR checkpoint uses.
+
+Paper §3.3 (DeepSeek3B-MoE-A570M); spec §4. The checkpoint sets ``use_mla=false``, so every layer's
+attention is plain multi-head attention with rotate-half (NeoX) RoPE, like Llama; the MLA code of
+DeepSeek-V2 is dead for this model and is not reproduced. Layout after nanoGPT / gpt-fast: norm ->
+rope -> attention -> MLP -> MoE -> layer -> model, top to bottom.
+
+Gotchas:
+- RMSNorm computes in fp32 and casts back; the router computes its logits in fp32.
+- Router: softmax over 64 experts, greedy top-6, *no* renormalisation of the 6 weights (the
+  default ``norm_topk_prob=False``), scaled by ``routed_scaling_factor`` (1.0).
+- The two shared experts are stored as ONE SwiGLU MLP of width 2 * 896 (``mlp.shared_experts``).
+- Expert compute is grouped by expert: tokens are sorted by their assigned expert and each expert
+  runs once on its contiguous slice (no per-token loop). Expert outputs are weighted in fp32.
+- The KV cache is owned by the caller (``dsocr.engine``): a layer receives its (k, v) buffers and
+  writes the new keys at slot == position. Positions must be distinct within a row.
+
+Legend: B batch, T new tokens, S key slots, C hidden, nh heads, hs head size, E experts,
+A active experts per token, N = B*T flattened tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsocr.configs import LanguageConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
+    """positions (B, T) -> cos, sin of shape (B, 1, T, hs), computed in fp32."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hs/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention (10 x 128 for the official model), no biases."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        C, nh = cfg.hidden_size, cfg.num_attention_heads
+        assert cfg.num_key_value_heads == nh, "the checkpoint's decoder is MHA (kv heads == heads)"
+        self.num_heads, self.head_dim = nh, C // nh
+        self.q_proj = nn.Linear(C, C, bias=False)
+        self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        self.use_sdpa = True  # False: the manual softmax path, kept for equivalence tests
+
+    def forward(self, x, cos, sin, mask, kv=None, positions=None):
+        """x (B, T, C); mask (B, 1, T, S) bool, True = attend; kv: this layer's (k, v) buffers
+        of shape (B, nh, S_max, hs), written at slots ``positions`` (B, T)."""
+        B, T, C = x.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_buf, v_buf = kv
+            idx = positions[:, None, :, None].expand(B, self.num_heads, T, self.head_dim)
+            k_buf.scatter_(2, idx, k.to(k_buf.dtype))
+            v_buf.scatter_(2, idx, v.to(v_buf.dtype))
+            S = mask.shape[-1]
+            k, v = k_buf[:, :, :S], v_buf[:, :, :S]  # (B, nh, S, hs)
+        if self.use_sdpa:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            att = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            o = att @ v  # (B, nh, T, hs)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Softmax router with greedy top-k; stored as ``mlp.gate.weight`` (E, C), no bias."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C) -> (weights (N, A) fp32, expert ids (N, A))."""
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # (N, E)
+        w, idx = torch.topk(scores, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scale, idx
+
+
+class MoE(nn.Module):
+    """Routed experts (grouped by expert) plus the fused shared experts."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.gate = MoEGate(cfg)
+        self.experts = nn.ModuleList(
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C)
+        w, idx = self.gate(x)  # (N, A)
+        A = idx.shape[1]
+        flat = idx.flatten()  # (N*A,)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        tokens = x[order // A]  # (N*A, C), grouped by expert
+        out = torch.empty(tokens.shape[0], shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start : start + n] = self.experts[e](tokens[start : start + n]).float()
+                start += n
+        routed = torch.empty_like(out)
+        routed[order] = out  # back to (N*A, C) in (token, slot) order
+        y = (routed.view(-1, A, shape[-1]) * w[..., None]).sum(dim=1).to(x.dtype)  # (N, C)
+        return (y + self.shared_experts(x)).view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, kv=None, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(positions: torch.Tensor, num_slots: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask, True where query position >= key position.
+
+    Without a cache (``num_slots=None``) keys are the queries themselves; with a cache, key slot j
+    holds position j. Right padding is safe as long as pad tokens carry positions past the row's
+    real tokens: no real query attends to them, and later tokens overwrite their slots.
+    """
+    if num_slots is None:
+        key_pos = positions[:, None, None, :]  # (B, 1, 1, T)
+    else:
+        key_pos = torch.arange(num_slots, device=positions.device)[None, None, None, :]
+    return key_pos <= positions[:, None, :, None]
+
+
+class DeepseekV2Model(nn.Module):
+    """Token embeddings, decoder layers and the final norm (keys ``model.embed_tokens`` ...)."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.lang_cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def decode(self, h: torch.Tensor, positions: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """Run the layers on embeddings h (B, T, C) at positions (B, T); returns normed (B, T, C).
+
+        ``kv_cache[i]`` gives layer i's (k, v) buffers, (B, nh, S_max, hs) each.
+        """
+        cfg = self.lang_cfg
+        num_slots = None if kv_cache is None else int(positions.max()) + 1
+        mask = attention_mask(positions, num_slots)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            kv = None if kv_cache is None else kv_cache[i]
+            h = layer(h, cos, sin, mask, kv, positions)
+        return self.norm(h)

@@ -1,0 +1,210 @@
+"""Checkpoint folders in the official Hugging Face layout: strict loading and atomic saving.
+
+A folder holds ``config.json`` plus either ``model.safetensors`` or shards
+``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json`` (its ``weight_map``), and
+optionally ``tokenizer.json`` and a dsocr ``meta.json``. Key names are the official ones (spec §8),
+so no mapping table is needed: the model's own ``state_dict`` names are the checkpoint's.
+
+Loading builds the model on the meta device and assigns the (memory-mapped) tensors, so a 3.3B
+checkpoint costs no init time and no second copy. Loading is strict: every missing, unknown or
+mis-shaped tensor is reported by name. The one allowed difference is CLIP's unused
+``patch_embedding``, which may be absent from a checkpoint (it is then zero-filled).
+
+Gotcha: safetensors cannot store tensors that share memory; we save contiguous clones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsocr.configs import DeepseekOCRConfig, config_to_json, load_config
+from dsocr.model import DeepseekOCRForCausalLM, build_model
+
+OPTIONAL_KEYS = ("model.vision_model.embeddings.patch_embedding.weight",)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match the model (names the folder and the tensors)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from its index when sharded."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{folder / INDEX_FILE}: unreadable index ({e})") from None
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: index names missing shard(s) {', '.join(missing)}")
+        return files
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if found:
+        return [folder / f for f in found]
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
+
+
+def read_state_dict(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (memory-mapped on CPU); duplicate names are an error."""
+    out: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(Path(folder)):
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for k in sf.keys():
+                    if k in out:
+                        raise CheckpointError(f"{folder}: tensor {k!r} appears in two shards")
+                    out[k] = sf.get_tensor(k)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd and k not in OPTIONAL_KEYS]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if items:
+            shown = "; ".join(items[:5]) + (
+                f"; ... ({len(items)} in all)" if len(items) > 5 else ""
+            )
+            problems.append(f"{title} tensor(s): {shown}")
+    if problems:
+        raise CheckpointError(
+            f"{where}: checkpoint does not match the model: " + " | ".join(problems)
+        )
+
+
+def load_checkpoint(
+    source: str | Path | DeepseekOCRConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> DeepseekOCRForCausalLM:
+    """A model from a checkpoint folder (strict), or random weights for a config / variant name.
+
+    ``dtype=None`` keeps float32 on CPU (this project's CPUs have no bf16 units) and uses bfloat16
+    on CUDA.
+    """
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(source, DeepseekOCRConfig):
+        return build_model(source, device=device, dtype=dtype).eval()
+    folder = Path(source)
+    if not folder.exists():
+        from dsocr.configs import CONFIGS
+
+        if str(source) in CONFIGS:
+            return build_model(CONFIGS[str(source)], device=device, dtype=dtype).eval()
+        raise FileNotFoundError(f"{source}: no such checkpoint folder or variant name")
+    cfg = load_config(folder)
+    model = build_model(cfg, device="meta")
+    sd = read_state_dict(folder)
+    check_state_dict(model, sd, str(folder))
+    for k in OPTIONAL_KEYS:
+        if k not in sd:
+            sd[k] = torch.zeros(model.state_dict()[k].shape)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write(Path(path), lambda t: Path(t).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_checkpoint(
+    model: DeepseekOCRForCausalLM,
+    folder: str | Path,
+    max_shard_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer=None,
+    meta: dict | None = None,
+) -> Path:
+    """Write ``model`` to ``folder`` in the official layout; shards when over ``max_shard_bytes``.
+
+    Every file is written atomically. ``tokenizer`` (a ``dsocr.language.tokenizer.Tokenizer``) and
+    ``meta`` (a JSON-able dict) are saved beside the weights when given.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {
+        k: v.detach().to(dtype or v.dtype).contiguous().cpu().clone()
+        for k, v in model.state_dict().items()
+    }
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    fmt = {"format": "pt"}
+    stale = [*folder.glob("model*.safetensors"), folder / INDEX_FILE]
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        n = len(shards)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, shard in zip(names, shards):
+        _atomic_write(folder / name, lambda t, s=shard: save_file(s, t, metadata=fmt))
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        write_json(
+            folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
+    for p in stale:
+        if p.name not in names and p.name != (INDEX_FILE if len(shards) > 1 else None):
+            p.unlink(missing_ok=True)
+    write_json(folder / "config.json", config_to_json(model.config))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    if meta is not None:
+        write_json(folder / "meta.json", meta)
+    return folder

@@ -1,0 +1,124 @@
+"""Public API and CLI on the tiny variant; package-wide hygiene checks."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEST_BASE
+from PIL import Image
+
+import dsocr
+from dsocr.cli import main
+from dsocr.language.tokenizer import Tokenizer, build_prompt_ids, byte_tokenizer
+from dsocr.weights import save_checkpoint
+
+PKG = Path(dsocr.__file__).parent
+
+
+def _page(path, w=100, h=80):
+    img = Image.new("RGB", (w, h), "white")
+    img.save(path)
+    return path
+
+
+def test_load_variant_and_generate(tmp_path):
+    ocr = dsocr.load_model("tiny", device="cpu")
+    text = ocr.generate(_page(tmp_path / "p.png"), mode=TEST_BASE, max_new_tokens=5)
+    assert isinstance(text, str)
+    # The same call on the same weights is deterministic (greedy).
+    assert text == ocr.generate(Image.open(tmp_path / "p.png"), mode=TEST_BASE, max_new_tokens=5)
+
+
+def test_generate_matches_manual_pipeline(tiny_model, tmp_path):
+    """OCR.generate = prompt expansion + encode + greedy loop, with nothing else mixed in."""
+    tok = Tokenizer(byte_tokenizer())
+    folder = save_checkpoint(tiny_model, tmp_path / "ckpt", tokenizer=tok)
+    ocr = dsocr.load_model(folder, device="cpu")
+    img = Image.open(_page(tmp_path / "p.png", 120, 70))
+    inputs = ocr.preprocess(img, TEST_BASE)
+    ids = build_prompt_ids(tok, "<image>\nFree OCR.", [inputs.num_tokens])
+    assert ids[0] == tok.bos_id and ids.count(tok.image_id) == inputs.num_tokens
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([ids]), image_embeds=tiny_model.encode_images([inputs])[0])
+    first = int(logits[0, -1].argmax())
+    out = ocr.generate(img, "<image>\nFree OCR.", mode=TEST_BASE, max_new_tokens=1)
+    expected = "" if first == tok.eos_id else tok.decode([first]).strip()
+    assert out == expected
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
+    import dsocr.api as api
+
+    monkeypatch.setattr(api, "ASSETS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="bundled dsocr-mini weights are not in"):
+        dsocr.load_model()
+
+
+def test_cli_tokens(capsys):
+    assert main(["tokens", "1920", "1280"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"gundam\s+3x2\s+893\s", out)
+    assert re.search(r"tiny\s+1x1\s+73\s+64", out)
+
+
+def test_cli_ocr_bad_file_is_one_line_error_and_others_carry_on(tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    good = _page(tmp_path / "good.png", 64, 64)
+    code = main(
+        [
+            "ocr",
+            str(bad),
+            str(good),
+            "--model",
+            "tiny",
+            "--mode",
+            "tiny",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and str(bad) in errors[0]
+    assert f"==> {good} <==" in captured.out
+
+
+def test_no_cuda_only_calls_in_package():
+    offenders = []
+    for f in PKG.rglob("*.py"):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(
+                r"\.cuda\(|torch\.cuda\.(?!is_available|set_device|device_count)|device=['\"]cuda",
+                line,
+            ):
+                offenders.append(f"{f.name}:{n}: {line.strip()}")
+    assert not offenders
+
+
+@pytest.mark.parametrize(
+    "module,forbidden",
+    [
+        ("dsocr.vision.sam", ("dsocr.model", "dsocr.engine", "dsocr.api", "dsocr.cli")),
+        (
+            "dsocr.vision.preprocess",
+            ("dsocr.model", "dsocr.engine", "dsocr.vision.sam", "dsocr.api"),
+        ),
+        ("dsocr.language.decoder", ("dsocr.model", "dsocr.engine", "dsocr.vision", "dsocr.api")),
+        ("dsocr.language.tokenizer", ("torch", "dsocr.model", "dsocr.vision")),
+        ("dsocr.model", ("dsocr.engine", "dsocr.api", "dsocr.cli")),
+    ],
+)
+def test_imports_point_one_way(module, forbidden):
+    code = (
+        f"import sys, {module}; bad = [m for m in sys.modules if m.startswith({forbidden!r})];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
