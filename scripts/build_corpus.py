@@ -1,0 +1,191 @@
+"""Build the text corpus for dsocr-mini from documentation installed by Debian packages.
+
+Sources (all GPL-2+/CC-BY-SA/PSF-licensed documentation, installable offline here):
+- debian-handbook: the same book in up to 26 locales (HTML);
+- debian-reference-{en,de,fr,ja,zh-cn}: HTML;
+- python3.11-doc: the Python documentation (HTML, English).
+
+Install them first (as root)::
+
+    apt-get install -y --no-install-recommends debian-handbook debian-reference-en \\
+        debian-reference-de debian-reference-fr debian-reference-ja debian-reference-zh-cn \\
+        python3.11-doc
+
+Then::
+
+    python scripts/build_corpus.py --out data/corpus
+
+The held-out split is by *document group*: a chapter is held out in every language at once, so no
+translation of a held-out chapter reaches training. Membership is a hash of the group name, so it
+does not depend on which packages are installed. Writes ``train.jsonl``, ``heldout.jsonl`` (rows:
+doc, group, lang, source, text) and ``manifest.json`` (counts and sha256 of each file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+HELDOUT_PERCENT = 8
+SKIP_TAGS = {"script", "style", "nav", "head", "title", "pre"}
+BLOCK_TAGS = {
+    "p",
+    "div",
+    "li",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "br",
+    "tr",
+    "table",
+    "dt",
+    "dd",
+    "section",
+    "blockquote",
+    "ul",
+    "ol",
+    "dl",
+    "td",
+    "th",
+}
+
+
+class _Text(HTMLParser):
+    """HTML -> paragraphs of plain text (block tags end a paragraph)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in SKIP_TAGS:
+            self.skip += 1
+        elif tag in BLOCK_TAGS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in SKIP_TAGS:
+            self.skip = max(0, self.skip - 1)
+        elif tag in BLOCK_TAGS:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    p = _Text()
+    p.feed(html)
+    paras = []
+    for block in "".join(p.parts).split("\n"):
+        block = re.sub(r"\s+", " ", block).strip()
+        if len(block) >= 3 and block not in ("¶", "#"):
+            paras.append(block.replace("¶", "").strip())
+    return "\n".join(paras)
+
+
+def is_heldout(group: str) -> bool:
+    h = int.from_bytes(hashlib.sha256(group.encode()).digest()[:4], "big")
+    return h % 100 < HELDOUT_PERCENT
+
+
+def sources():
+    """(doc id, group, lang, source, path) for every document found."""
+    hb = Path("/usr/share/doc/debian-handbook/html")
+    if hb.is_dir():
+        for locale in sorted(p for p in hb.iterdir() if p.is_dir()):
+            for f in sorted(locale.glob("*.html")):
+                yield (
+                    f"handbook/{locale.name}/{f.stem}",
+                    f"handbook/{f.stem}",
+                    locale.name.split("-")[0],
+                    "debian-handbook",
+                    f,
+                )
+    ref = Path("/usr/share/debian-reference")
+    if ref.is_dir():
+        for f in sorted(ref.glob("*.html")):
+            m = re.fullmatch(r"(.+)\.([a-z]{2}(?:-[a-z]{2})?)\.html", f.name)
+            if m:
+                yield (
+                    f"reference/{m.group(2)}/{m.group(1)}",
+                    f"reference/{m.group(1)}",
+                    m.group(2).split("-")[0],
+                    "debian-reference",
+                    f,
+                )
+    py = Path("/usr/share/doc/python3.11/html")
+    if py.is_dir():
+        for f in sorted(py.rglob("*.html")):
+            rel = f.relative_to(py).with_suffix("").as_posix()
+            if rel.startswith(("_", "genindex", "py-modindex", "search")):
+                continue
+            yield (f"python/{rel}", f"python/{rel}", "en", "python3.11-doc", f)
+
+
+def build(out: Path, min_chars: int = 500) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"train": 0, "heldout": 0}
+    chars = {"train": 0, "heldout": 0}
+    langs: dict[str, int] = {}
+    tmp = {s: out / f".{s}.jsonl.tmp" for s in counts}
+    files = {s: tmp[s].open("w", encoding="utf-8") for s in counts}
+    try:
+        for doc, group, lang, source, path in sources():
+            text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
+            if len(text) < min_chars:
+                continue
+            split = "heldout" if is_heldout(group) else "train"
+            row = {"doc": doc, "group": group, "lang": lang, "source": source, "text": text}
+            files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts[split] += 1
+            chars[split] += len(text)
+            langs[lang] = langs.get(lang, 0) + len(text)
+    finally:
+        for f in files.values():
+            f.close()
+    manifest = {
+        "heldout_percent": HELDOUT_PERCENT,
+        "documents": counts,
+        "chars": chars,
+        "chars_by_lang": dict(sorted(langs.items())),
+        "files": {},
+    }
+    for s, t in tmp.items():
+        final = out / f"{s}.jsonl"
+        t.replace(final)
+        manifest["files"][final.name] = hashlib.sha256(final.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", default="data/corpus")
+    ap.add_argument("--min-chars", type=int, default=500)
+    args = ap.parse_args(argv)
+    m = build(Path(args.out), args.min_chars)
+    if not sum(m["documents"].values()):
+        print(
+            "no documents found: install the packages listed in this script's docstring",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps({k: m[k] for k in ("documents", "chars")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

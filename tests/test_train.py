@@ -1,0 +1,169 @@
+"""Training: loss falls and greedy decoding reproduces a toy set; resume == uninterrupted; DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsocr.train.data import DataRecipe, load_corpus, make_batch
+from dsocr.train.loop import TrainConfig, lr_at, train
+from dsocr.weights import read_state_dict
+
+TOY_MODE = "test-tiny"
+
+
+def _recipe(**kw):
+    base = dict(
+        modes=("tiny",),
+        min_chars=8,
+        max_chars=24,
+        font_sizes=(40,),
+        fonts=("sans",),
+        scan_prob=0.0,
+        page_size=128,
+    )
+    return DataRecipe(**(base | kw))
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(
+        model="tiny",
+        out=str(tmp_path / "run"),
+        steps=6,
+        batch_size=2,
+        lr=3e-3,
+        warmup=2,
+        log_every=1,
+        eval_every=3,
+        eval_batches=1,
+        save_every=3,
+        data=_recipe(),
+    )
+    return TrainConfig(**(base | kw))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_batches_are_a_pure_function_of_step(tiny_cfg):
+    from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+
+    tok = Tokenizer(byte_tokenizer())
+    a = make_batch(_recipe(), tok, tiny_cfg, step=3, rank=0, batch_size=2, seed=1)
+    b = make_batch(_recipe(), tok, tiny_cfg, step=3, rank=0, batch_size=2, seed=1)
+    c = make_batch(_recipe(), tok, tiny_cfg, step=4, rank=0, batch_size=2, seed=1)
+    assert torch.equal(a.input_ids, b.input_ids) and a.targets == b.targets
+    assert a.targets != c.targets
+    # Labels train exactly the target text plus EOS.
+    lab = a.labels[0][a.labels[0] != -100].tolist()
+    assert lab[-1] == tok.eos_id and tok.decode(lab[:-1]) == a.targets[0]
+
+
+def test_heldout_never_intersects_training(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import build_corpus
+
+    groups = [f"handbook/ch{i}" for i in range(400)]
+    held = {g for g in groups if build_corpus.is_heldout(g)}
+    assert 0 < len(held) < len(groups)
+    # Every language version of a held-out chapter is held out: membership is by group.
+    rows = [
+        {"doc": f"handbook/{lang}/{g.split('/')[1]}", "group": g}
+        for g in groups
+        for lang in ("en-US", "de-DE", "ja-JP")
+    ]
+    train = {r["doc"] for r in rows if not build_corpus.is_heldout(r["group"])}
+    heldout = {r["doc"] for r in rows if build_corpus.is_heldout(r["group"])}
+    assert not train & heldout
+    assert {d.split("/")[2] for d in heldout} == {g.split("/")[1] for g in held}
+    # The built-in toy corpus keeps its splits apart too (different strings per split order).
+    assert load_corpus(None, "train")[0]["text"] != load_corpus(None, "heldout")[0]["text"]
+
+
+def test_built_corpus_splits_are_disjoint():
+    folder = Path(__file__).parents[1] / "data" / "corpus"
+    if not (folder / "train.jsonl").is_file():
+        pytest.skip("no built corpus here (scripts/build_corpus.py); the hash rule is tested above")
+    train = {json.loads(x)["group"] for x in open(folder / "train.jsonl")}
+    held = {json.loads(x)["group"] for x in open(folder / "heldout.jsonl")}
+    assert held and train and not train & held
+
+
+def test_resume_reaches_the_same_weights(tmp_path):
+    full = train(_cfg(tmp_path / "a"), log=lambda *_: None)
+    # Interrupted: stop at a checkpoint (step 3), then rerun the same command to finish.
+    cfg_b = _cfg(tmp_path / "b")
+    train(TrainConfig(**{**cfg_b.__dict__, "steps": 6, "max_minutes": 0.0}), log=lambda *_: None)
+    meta = json.loads((tmp_path / "b" / "run" / "latest" / "meta.json").read_text())
+    assert meta["step"] == 1  # stopped early, checkpoint written
+    resumed = train(cfg_b, log=lambda *_: None)
+    a, b = read_state_dict(full), read_state_dict(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    log = [json.loads(x) for x in open(tmp_path / "b" / "run" / "log.jsonl")]
+    assert any("eval_loss" in r for r in log)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29561",
+        "-m",
+        "dsocr.train.loop",
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "1",
+        "--warmup",
+        "1",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--data-modes",
+        "tiny",
+        "--data-page-size",
+        "128",
+        "--data-min-chars",
+        "8",
+        "--data-max-chars",
+        "24",
+        "--data-font-sizes",
+        "40",
+        "--data-scan-prob",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    meta = json.loads((out / "latest" / "meta.json").read_text())
+    assert meta["step"] == 3
+    logged = [json.loads(x) for x in open(out / "log.jsonl") if "samples_per_s" in x]
+    assert logged and logged[-1]["samples_per_s"] > 0
