@@ -1,0 +1,532 @@
+"""Input files -> page images: PDFs (pypdfium2) and images (Pillow), with one error type.
+
+The official PDF runner (``run_dpsk_ocr_pdf.py``, reference spec §3.4) renders pages with PyMuPDF
+at 144 dpi (zoom 2.0, alpha off) and feeds RGB PIL images to the model; images go through
+``ImageOps.exif_transpose`` and ``convert("RGB")``. We do the same with pypdfium2 (Apache/BSD,
+no AGPL) at ``scale = dpi / 72`` on a white background, forms and annotations drawn.
+
+Everything a user can get wrong about an input file surfaces as :class:`InputError`, whose
+``str()`` is one line ``"<path>: <reason>"`` (missing/unreadable/empty file, unsupported type,
+corrupt image or PDF, encrypted PDF without or with a wrong password, zero-page PDF, image over
+the pixel limit). The file type is decided by magic bytes, never by the extension alone.
+
+Decisions:
+- Page ranges are 1-based for users (``"1-5,9"``, ``"3-"``) and 0-based in code. Zero, reversed
+  and malformed ranges are errors. Pages beyond the document are dropped (or a range clipped)
+  with a ``UserWarning``, so one range works across a batch of PDFs of different lengths; it is
+  an error only when nothing is left. The result is sorted and de-duplicated (document order).
+- Images over ``max_pixels`` (read from the header; Pillow's ``open`` does not decode) are
+  rejected; Pillow's own ``DecompressionBombError`` is mapped to the same error. PDF pages whose
+  render would exceed ``max_pixels`` are rendered at a lower dpi (with a warning) instead, and
+  the page's ``dpi`` says which.
+- Images with transparency are flattened onto white (the official code drops alpha, which turns
+  transparent backgrounds black); 16-bit greyscale is scaled to 8 bits.
+- PDFium is not thread-safe: every call into it holds one module-level lock, so several threads
+  may iterate different documents (rendering is then serialised).
+- Output names: :func:`safe_stem` never escapes the output directory; :func:`unique_stems`
+  suffixes repeats ``-2``, ``-3`` in input order (case-insensitively, for macOS/Windows).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import threading
+import unicodedata
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_DPI = 144  # official PDF runner (PyMuPDF zoom 2.0)
+MAX_PIXELS = 89_478_485  # Pillow's own warning threshold (~9459 x 9459); ~270 MB as RGB
+SUPPORTED_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+IMAGE_TYPES = ("png", "jpeg", "tiff", "webp", "bmp")
+
+_PDFIUM_LOCK = threading.RLock()
+
+
+class InputError(Exception):
+    """A problem with one input file. ``str(e)`` is ``"<path>: <reason>"`` on one line."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{_printable(self.path)}: {self.reason}")
+
+
+def _printable(s: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in s)
+
+
+@dataclass
+class PageImage:
+    """One page ready for the model.
+
+    ``index`` is 0-based within the source file; ``page_count`` is the source's total page count
+    (frames for a multi-frame TIFF). ``dpi`` is the render resolution for PDF pages, or the
+    resolution stored in an image file (None when absent). ``text_layer`` is a PDF page's own
+    text (PDFium text extraction), a coarse reference for checks; None for images.
+    """
+
+    source: Path
+    index: int
+    image: Image.Image
+    dpi: float | None
+    text_layer: str | None = None
+    page_count: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Page ranges
+
+
+_RANGE_RE = re.compile(r"^(\d+)(?:\s*(-)\s*(\d*))?$")
+
+
+def parse_page_ranges(spec: str, n_pages: int) -> list[int]:
+    """``"1-5,9"`` (1-based, inclusive; ``"7-"`` means to the end) -> sorted 0-based indices.
+
+    Raises ValueError for a malformed item, page 0, a reversed range, or when no page of the
+    document is selected. Pages beyond ``n_pages`` are dropped with a UserWarning.
+    """
+    if n_pages < 1:
+        raise ValueError(f"document has no pages (n_pages={n_pages})")
+    items = [s.strip() for s in spec.split(",")]
+    if not spec.strip() or any(not s for s in items):
+        raise ValueError(f"empty item in page range {spec!r}")
+    selected: set[int] = set()
+    for item in items:
+        m = _RANGE_RE.match(item)
+        if m is None:
+            raise ValueError(f"invalid page range {item!r}: use N, A-B or A- (1-based), e.g. 1-5,9")
+        a = int(m.group(1))
+        b = a if m.group(2) is None else (int(m.group(3)) if m.group(3) else n_pages)
+        if a == 0 or b == 0:
+            raise ValueError(f"invalid page range {item!r}: pages are numbered from 1")
+        if b < a:
+            raise ValueError(f"reversed page range {item!r}: write {b}-{a}")
+        if a > n_pages:
+            warnings.warn(
+                f"page range {item!r} is beyond the document ({n_pages} pages); skipped",
+                stacklevel=2,
+            )
+            continue
+        if b > n_pages:
+            warnings.warn(
+                f"page range {item!r} clipped to {a}-{n_pages} ({n_pages} pages)", stacklevel=2
+            )
+            b = n_pages
+        selected.update(range(a - 1, b))
+    if not selected:
+        raise ValueError(f"page range {spec!r} selects no page of a {n_pages}-page document")
+    return sorted(selected)
+
+
+def _select(path, pages: str | Sequence[int] | None, n: int) -> list[int]:
+    if pages is None:
+        return list(range(n))
+    if isinstance(pages, str):
+        try:
+            return parse_page_ranges(pages, n)
+        except ValueError as e:
+            raise InputError(path, str(e)) from None
+    bad = [i for i in pages if not 0 <= int(i) < n]
+    if bad:
+        raise InputError(path, f"page indices {bad} out of range for {n} pages (0-based)")
+    return sorted({int(i) for i in pages})
+
+
+# ---------------------------------------------------------------------------------------------
+# File checks
+
+
+def sniff_type(head: bytes) -> str | None:
+    """File type from its first bytes: ``"pdf"``, one of IMAGE_TYPES, or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "bmp"
+    if b"%PDF-" in head[:1024]:  # PDF allows junk before the header; PDFium tolerates it
+        return "pdf"
+    return None
+
+
+def _check_file(path: Path) -> str:
+    """Existence, readability, non-emptiness and type of ``path``; returns the sniffed type."""
+    try:
+        if not path.exists():
+            raise InputError(path, "file not found")
+        if path.is_dir():
+            raise InputError(path, "is a directory, not a file")
+        if path.stat().st_size == 0:
+            raise InputError(path, "empty file (0 bytes)")
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError as e:
+        raise InputError(path, f"cannot read file: {e.strerror or e}") from None
+    kind = sniff_type(head)
+    if kind is None:
+        raise InputError(
+            path, "unsupported file type (expected a PDF or a PNG/JPEG/TIFF/WebP/BMP image)"
+        )
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages
+
+
+def iter_pages(
+    path: str | os.PathLike,
+    dpi: float = DEFAULT_DPI,
+    pages: str | Sequence[int] | None = None,
+    password: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    *,
+    extract_text: bool = True,
+) -> Iterator[PageImage]:
+    """Yield the pages of a PDF or image file as RGB :class:`PageImage`.
+
+    ``pages`` is a 1-based range string (see :func:`parse_page_ranges`) or a sequence of 0-based
+    indices; None means all pages (all frames of a multi-frame TIFF). ``dpi`` applies to PDFs.
+    The file is opened and checked *now*: problems with the file raise :class:`InputError`
+    from this call; a page that fails to render raises it during iteration. The returned
+    generator holds the file open until it is exhausted or closed. Pillow's own bomb limit
+    (``2 * Image.MAX_IMAGE_PIXELS``) still applies to images when ``max_pixels`` is larger.
+    """
+    if not (0 < dpi <= 2400):
+        raise ValueError(f"dpi must be in (0, 2400], got {dpi}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    path = Path(path)
+    kind = _check_file(path)
+    if kind == "pdf":
+        pdf = _open_pdf(path, password)
+        try:
+            n = len(pdf)
+            if n == 0:
+                raise InputError(path, "PDF has no pages")
+            indices = _select(path, pages, n)
+        except BaseException:
+            _close_pdf(pdf)
+            raise
+        return _iter_pdf(path, pdf, indices, n, dpi, max_pixels, extract_text)
+    fp = open(path, "rb")  # noqa: SIM115 - kept open while frames are iterated
+    try:
+        img = _open_image(path, fp, max_pixels)
+        n = getattr(img, "n_frames", 1)
+        indices = _select(path, pages, n)
+    except BaseException:
+        fp.close()
+        raise
+    return _iter_image(path, fp, img, indices, n, max_pixels)
+
+
+def count_pages(path: str | os.PathLike, password: str | None = None) -> int:
+    """Number of pages (PDF) or frames (image) of ``path``; raises :class:`InputError`."""
+    path = Path(path)
+    if _check_file(path) == "pdf":
+        pdf = _open_pdf(path, password)
+        try:
+            with _PDFIUM_LOCK:
+                return len(pdf)
+        finally:
+            _close_pdf(pdf)
+    with open(path, "rb") as fp:
+        return getattr(_open_image(path, fp, None), "n_frames", 1)
+
+
+# --- PDF -------------------------------------------------------------------------------------
+
+
+def _pdfium():
+    try:
+        import pypdfium2
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("PDF input needs pypdfium2: pip install pypdfium2") from None
+    return pypdfium2
+
+
+def _open_pdf(path: Path, password: str | None):
+    pdfium = _pdfium()
+    raw = pdfium.raw
+    with _PDFIUM_LOCK:
+        # PDFium's last-error code is global and some failures (an empty page tree) leave it
+        # untouched, so a stale code from an earlier document could be reported. Set a known
+        # code first by opening a path that cannot exist: FPDF_ERR_FILE after a failed load of
+        # this readable file then means "failed without a reason".
+        raw.FPDF_LoadDocument(b"", None)
+        try:
+            pdf = pdfium.PdfDocument(str(path), password=password)
+        except pdfium.PdfiumError as e:
+            code = getattr(e, "err_code", None)
+            if code == raw.FPDF_ERR_PASSWORD:
+                if password:
+                    raise InputError(path, "encrypted PDF: wrong password") from None
+                raise InputError(path, "encrypted PDF: a password is needed (--password)") from None
+            if code == raw.FPDF_ERR_FORMAT:
+                raise InputError(path, "corrupt PDF (PDFium cannot parse it)") from None
+            if code == raw.FPDF_ERR_SECURITY:
+                raise InputError(path, "PDF uses an unsupported security handler") from None
+            if code in (raw.FPDF_ERR_SUCCESS, raw.FPDF_ERR_FILE):
+                # the file was readable (checked above): PDFium refused the document without
+                # a reason, which is what it does for an empty page tree
+                raise InputError(path, "PDF has no pages") from None
+            raise InputError(path, f"cannot open PDF: {e}") from None
+        try:
+            pdf.init_forms()  # draw form fields like PyMuPDF does; must precede page loading
+        except Exception:  # noqa: BLE001 - forms are optional
+            pass
+    return pdf
+
+
+def _close_pdf(pdf) -> None:
+    with _PDFIUM_LOCK:
+        pdf.close()
+
+
+def _iter_pdf(path, pdf, indices, n, dpi, max_pixels, extract_text) -> Iterator[PageImage]:
+    pdfium = _pdfium()
+    try:
+        for i in indices:
+            with _PDFIUM_LOCK:
+                try:
+                    page = pdf[i]
+                    try:
+                        w_pt, h_pt = page.get_size()
+                        page_dpi = float(dpi)
+                        if (w_pt * dpi / 72) * (h_pt * dpi / 72) > max_pixels:
+                            page_dpi = 72 * math.sqrt(max_pixels / (w_pt * h_pt)) * 0.999
+                            warnings.warn(
+                                f"{path}: page {i + 1} ({w_pt:.0f}x{h_pt:.0f} pt) at {dpi} dpi "
+                                f"exceeds max_pixels; rendered at {page_dpi:.1f} dpi",
+                                stacklevel=2,
+                            )
+                        bitmap = page.render(scale=page_dpi / 72, may_draw_forms=True)
+                        try:
+                            image = bitmap.to_pil().convert("RGB")  # convert copies the buffer
+                        finally:
+                            bitmap.close()
+                        text = None
+                        if extract_text:
+                            textpage = page.get_textpage()
+                            try:
+                                text = textpage.get_text_range().replace("\r\n", "\n")
+                            finally:
+                                textpage.close()
+                    finally:
+                        page.close()
+                except pdfium.PdfiumError as e:
+                    raise InputError(path, f"page {i + 1}: cannot render: {e}") from None
+            yield PageImage(path, i, image, page_dpi, text, n)
+    finally:
+        _close_pdf(pdf)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def _open_image(path: Path, fp, max_pixels: int | None) -> Image.Image:
+    """Open lazily (header only) and check the declared size before any decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise InputError(path, f"image too large: {e}") from None
+        except UnidentifiedImageError:
+            raise InputError(path, "corrupt image (Pillow cannot identify it)") from None
+        except Exception as e:  # noqa: BLE001 - decoders raise many types on bad headers
+            raise InputError(path, f"corrupt image: {type(e).__name__}: {e}") from None
+    if img.format is None or img.format.lower() not in IMAGE_TYPES + ("mpo",):
+        raise InputError(path, f"unsupported image format {img.format}")
+    if max_pixels is not None:
+        _check_pixels(path, img, max_pixels)
+    return img
+
+
+def _check_pixels(path, img: Image.Image, max_pixels: int) -> None:
+    w, h = img.size
+    if w * h > max_pixels:
+        raise InputError(
+            path,
+            f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (max_pixels)",
+        )
+
+
+def _iter_image(path, fp, img, indices, n, max_pixels) -> Iterator[PageImage]:
+    try:
+        for i in indices:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                try:
+                    if n > 1:
+                        img.seek(i)
+                        _check_pixels(path, img, max_pixels)
+                    img.load()
+                    frame = ImageOps.exif_transpose(img) or img
+                    rgb = _to_rgb(frame)
+                except InputError:
+                    raise
+                except Image.DecompressionBombError as e:
+                    raise InputError(path, f"image too large: {e}") from None
+                except Exception as e:  # noqa: BLE001 - truncated data, bad codecs, ...
+                    where = f"frame {i + 1}: " if n > 1 else ""
+                    raise InputError(
+                        path, f"{where}corrupt or truncated image: {type(e).__name__}: {e}"
+                    ) from None
+            dpi = img.info.get("dpi")
+            dpi = float(dpi[0]) if isinstance(dpi, tuple) and dpi and dpi[0] else None
+            yield PageImage(path, i, rgb, dpi, None, n)
+    finally:
+        img.close()
+        fp.close()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency flattened onto white, 16-bit scaled to 8-bit."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if (mode.startswith("I;16") or a.max(initial=0) > 255) else 255.0
+        a = np.clip(a * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if mode != "RGB" else img.copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery and output names
+
+
+def _is_supported_name(p: Path) -> bool:
+    return p.suffix.lower() in SUPPORTED_EXTENSIONS and not p.name.startswith(".")
+
+
+def _walk(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):  # symlinked folders are not followed (no loops)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / f for f in files if _is_supported_name(Path(f))]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def discover_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders (recursive) and glob patterns into a de-duplicated file list.
+
+    A file named explicitly is kept whatever its extension (its type is checked later by magic
+    bytes). Folders and globs contribute only files with SUPPORTED_EXTENSIONS, skipping hidden
+    files and folders (``.DS_Store``, ``._x.pdf``). Order: inputs in the given order, each
+    folder's or glob's files sorted; a file seen twice (same resolved path) is kept once.
+    Raises :class:`InputError` for a path that does not exist and matches no glob.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in _walk(p):
+                add(f)
+        elif p.exists():
+            add(p)
+        elif any(c in str(item) for c in "*?["):
+            matches = sorted(glob.glob(str(item), recursive=True))
+            if not matches:
+                raise InputError(item, "glob pattern matches no file")
+            for m in map(Path, matches):
+                if m.is_dir():
+                    for f in _walk(m):
+                        add(f)
+                elif _is_supported_name(m):
+                    add(m)
+        else:
+            raise InputError(item, "file not found")
+    return out
+
+
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", "clock$", "conin$", "conout$"} | {
+    f"{d}{i}" for d in ("com", "lpt") for i in list("123456789") + ["¹", "²", "³"]
+}
+_BIDI = {chr(c) for c in (0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_UNSAFE = re.compile(r'[<>:"/\\|?*]')
+
+
+def safe_stem(path: str | os.PathLike, max_bytes: int = 120, fallback: str = "document") -> str:
+    """A file's stem made safe as a single output folder/file name.
+
+    Takes the last component (``/`` and ``\\`` both count as separators), drops the extension,
+    NFC-normalises, removes control and bidi-override characters, replaces characters Windows
+    forbids (``<>:"/\\|?*``) with ``_``, strips leading dots/spaces and trailing dots/spaces,
+    prefixes Windows device names (``con``, ``lpt1.x``) with ``_``, and cuts to ``max_bytes``
+    UTF-8 bytes. The result is never empty (``fallback``), never ``.``/``..``, never contains a
+    separator, so ``out_dir / safe_stem(p)`` stays inside ``out_dir``.
+    """
+    s = os.fspath(path)
+    s = s if isinstance(s, str) else s.decode("utf-8", "replace")
+    parts = [p for p in re.split(r"[\\/]", s) if p]
+    name = parts[-1] if parts else ""
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem.strip(". ") and 0 < len(ext) <= 5 and ext.isalnum():
+        name = stem
+    name = unicodedata.normalize("NFC", name)
+    name = "".join(
+        c for c in name if unicodedata.category(c) != "Cc" and c not in _BIDI and c != "\ufeff"
+    )
+    name = _UNSAFE.sub("_", name).strip()
+    name = name.lstrip(". ").rstrip(". ")
+    if name.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
+        name = "_" + name
+    encoded = name.encode("utf-8")
+    if len(encoded) > max_bytes:
+        name = encoded[:max_bytes].decode("utf-8", "ignore").rstrip(". ")
+    return name or fallback
+
+
+def unique_stems(paths: Sequence[str | os.PathLike], max_bytes: int = 120) -> list[str]:
+    """:func:`safe_stem` for each path, repeats suffixed ``-2``, ``-3``... in input order.
+
+    Comparison is case-insensitive (case-insensitive file systems); a suffixed name never
+    collides with another path's own stem. Deterministic for a given input order.
+    """
+    stems = [safe_stem(p, max_bytes=max_bytes) for p in paths]
+    taken = {s.casefold() for s in stems}
+    used: set[str] = set()
+    out = []
+    for s in stems:
+        key = s.casefold()
+        if key not in used:
+            used.add(key)
+            out.append(s)
+            continue
+        k = 2
+        while f"{s}-{k}".casefold() in taken or f"{s}-{k}".casefold() in used:
+            k += 1
+        name = f"{s}-{k}"
+        used.add(name.casefold())
+        out.append(name)
+    return out
