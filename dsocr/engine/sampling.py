@@ -32,6 +32,12 @@ import torch
 # `<td>`, `</td>` in the official tokenizer (spec §5/§6). dsocr's own tokenizers number them
 # differently: build the set with ``ngram_whitelist_for(tokenizer)``.
 OFFICIAL_NGRAM_WHITELIST: frozenset[int] = frozenset({128821, 128822})
+# (ngram_size, window) of the official vLLM runners (spec §6).
+OFFICIAL_NGRAM_SETTINGS: dict[str, tuple[int, int]] = {
+    "image": (30, 90),  # single image, streaming; also the upstream vLLM recipe
+    "pdf": (20, 50),
+    "eval": (40, 90),  # OmniDocBench batch
+}
 
 
 # --------------------------------------------------------------------------------------------------

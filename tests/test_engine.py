@@ -1,0 +1,432 @@
+"""The engine: sampling, n-gram ban, loop guard, streaming, and batching equivalences.
+
+Two models: the seeded ``tiny`` decoder (real numerics: batch vs single, cached vs uncached,
+continuous batching) and ``ScriptModel``, a mock whose logits force a chosen next token. The mock
+keeps each row's token history in its own KV-cache slots, so it also checks that the engine lends
+the right cache rows (slot moves, prefill into free rows).
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from dsocr.engine.detokenize import IncrementalDetokenizer
+from dsocr.engine.generate import (
+    Engine,
+    GenerationParams,
+    Request,
+    default_dtype,
+    generate_greedy,
+)
+from dsocr.engine.kv_cache import KVCache
+from dsocr.engine.sampling import (
+    OFFICIAL_NGRAM_WHITELIST,
+    LoopDetector,
+    apply_no_repeat_ngram,
+    ngram_whitelist_for,
+    no_repeat_ngram_banned,
+    sample,
+    top_p_filter,
+)
+from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+
+BYTE0 = 15  # byte k is id 15 + k in byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(byte_tokenizer())
+
+
+def _ids(n, seed, lo=20, hi=250):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, (n,), generator=g).tolist()
+
+
+def _byte_ids(text: str) -> list[int]:
+    return [BYTE0 + b for b in text.encode("utf-8")]
+
+
+# --------------------------------------------------------------------------- mock model
+
+
+class ScriptModel(torch.nn.Module):
+    """Logits 0 everywhere except 10 at ``rule(history)``; history = the row's ids so far.
+
+    Token ids are stored in the KV cache (layer 0, head 0, dim 0, slot == position), so the
+    history of a decode row comes from its cache row, as real attention would see it.
+    """
+
+    def __init__(self, cfg, rule):
+        super().__init__()
+        lang = replace(cfg.language, num_hidden_layers=1)
+        self.config = replace(cfg, language=lang)
+        self.rule = rule
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device and dtype
+        self.encode_calls = 0
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def forward(self, input_ids, positions=None, kv_cache=None, image_embeds=None,
+                logits_at=None):
+        B, T = input_ids.shape
+        assert kv_cache is not None and logits_at is not None
+        k, _ = kv_cache[0]
+        k[torch.arange(B)[:, None], 0, positions, 0] = input_ids.to(k.dtype)
+        out = torch.zeros(B, self.config.language.vocab_size)
+        for b in range(B):
+            last = int(positions[b, logits_at[b]])
+            history = [int(x) for x in k[b, 0, : last + 1, 0].tolist()]
+            out[b, self.rule(history)] = 10.0
+        return out
+
+
+def script_rule(prompt_len, script, eos=1):
+    """Emit ``script`` after a prompt of ``prompt_len`` ids, then EOS."""
+    def rule(history):
+        n = len(history) - prompt_len
+        return script[n] if n < len(script) else eos
+    return rule
+
+
+# --------------------------------------------------------------------------- n-gram processor
+
+
+def _official_ngram(input_ids, ngram_size, window_size, whitelist):
+    """The official processor, transcribed literally (process/ngram_norepeat.py)."""
+    if len(input_ids) < ngram_size:
+        return set()
+    current_prefix = tuple(input_ids[-(ngram_size - 1):])
+    search_start = max(0, len(input_ids) - window_size)
+    search_end = len(input_ids) - ngram_size + 1
+    banned = set()
+    for i in range(search_start, search_end):
+        ngram = tuple(input_ids[i:i + ngram_size])
+        if ngram[:-1] == current_prefix:
+            banned.add(ngram[-1])
+    return banned - set(whitelist)
+
+
+def test_ngram_hand_worked_cases():
+    # Too short: nothing.
+    assert no_repeat_ngram_banned([1, 2], 3, 100) == set()
+    # prefix (1, 2): the 3-gram (1, 2, 3) at start 0 bans 3.
+    assert no_repeat_ngram_banned([1, 2, 3, 1, 2], 3, 100) == {3}
+    # Several continuations of the same prefix are all banned.
+    assert no_repeat_ngram_banned([1, 2, 3, 1, 2, 4, 1, 2], 3, 100) == {3, 4}
+    # A run of one token bans that token (the n-gram ending at L-1 counts: start L-n inclusive).
+    assert no_repeat_ngram_banned([4, 4], 2, 100) == {4}
+    assert no_repeat_ngram_banned([4, 5], 2, 100) == set()
+
+
+def test_ngram_window_boundary():
+    ids = [5, 6, 7, 8, 5, 6]  # L = 6, prefix (5, 6); the matching 3-gram starts at 0
+    assert no_repeat_ngram_banned(ids, 3, window=6) == {7}  # start max(0, 6-6) = 0: included
+    assert no_repeat_ngram_banned(ids, 3, window=5) == set()  # start 1: excluded
+    assert no_repeat_ngram_banned(ids, 3, window=3) == set()  # only start 3 = L - n
+    # window smaller than n: the scan range is empty
+    assert no_repeat_ngram_banned([4, 4, 4], 3, window=2) == set()
+    assert no_repeat_ngram_banned([4, 4, 4], 3, window=3) == {4}
+
+
+def test_ngram_whitelist_is_per_request():
+    td, td_end = sorted(OFFICIAL_NGRAM_WHITELIST)
+    ids = [7, td, 7]  # prefix (7,): the bigram (7, <td>) would ban <td>
+    assert no_repeat_ngram_banned(ids, 2, 100) == set()  # default: official whitelist
+    assert no_repeat_ngram_banned(ids, 2, 100, whitelist=None) == {td}
+    assert no_repeat_ngram_banned([td, 7, td], 2, 100) == {7}  # only the listed ids are spared
+    assert no_repeat_ngram_banned([9, 10, 9], 2, 100, whitelist={10}) == set()
+
+
+def test_ngram_matches_official_transcription():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        L = int(torch.randint(0, 40, (), generator=g))
+        ids = torch.randint(0, 4, (L,), generator=g).tolist()
+        n = int(torch.randint(2, 6, (), generator=g))
+        window = int(torch.randint(1, 45, (), generator=g))
+        wl = {0} if trial % 2 else set()
+        assert no_repeat_ngram_banned(ids, n, window, wl) == _official_ngram(ids, n, window, wl)
+
+
+def test_ngram_sets_exactly_the_banned_logits():
+    logits = torch.zeros(20)
+    apply_no_repeat_ngram(logits, [1, 2, 3, 1, 2, 4, 1, 2], 3, 100, whitelist=None)
+    assert torch.isinf(logits).nonzero().flatten().tolist() == [3, 4]
+    assert (logits[[3, 4]] < 0).all() and (logits[[0, 1, 2, 5]] == 0).all()
+
+
+def test_ngram_whitelist_for_tokenizer(tok):
+    assert ngram_whitelist_for(tok) == {tok.token_to_id("<td>"), tok.token_to_id("</td>")}
+
+
+def test_engine_applies_ngram_ban(tiny_cfg):
+    # The script repeats (30, 31); with n=2 the second 30 -> 31 is banned, so the argmax falls
+    # back to the lowest id among the 0-logit tokens (id 0).
+    model = ScriptModel(tiny_cfg, script_rule(3, [30, 31, 30, 31, 30]))
+    engine = Engine(model)
+    base = GenerationParams(max_new_tokens=5, detect_loops=False)
+    (free,) = engine.generate([Request([0, 50, 51], base)])
+    (banned,) = engine.generate([Request([0, 50, 51], replace(base, ngram_size=2))])
+    assert free.token_ids == [30, 31, 30, 31, 30]
+    assert banned.token_ids[:4] == [30, 31, 30, 0]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampling_seeded_reproducible_and_seed_dependent():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [sample(logits, 1.0, 1.0, g).tolist() for _ in range(10)]
+
+    assert draws(1) == draws(1)
+    assert draws(1) != draws(2)
+    # temperature 0 is greedy; a tiny top_p keeps only the argmax
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, 0.0, 1.0, g).tolist() == logits.argmax(-1).tolist()
+    assert sample(logits, 5.0, 1e-6, g).tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = torch.isfinite(top_p_filter(logits, 0.8)).tolist()
+    assert kept == [True, True, False, False]  # 0.5 < 0.8, 0.5 + 0.3 reaches it
+    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [True, False, False, False]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_engine_sampling_reproducible_alone_and_batched(tiny_model):
+    p = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123,
+                         ignore_eos=True)
+    prompts = [[0] + _ids(6, 1), [0] + _ids(9, 2), [0] + _ids(4, 3)]
+    engine = Engine(tiny_model, max_batch_size=3)
+    batched = engine.generate([Request(x, p) for x in prompts])
+    alone = [Engine(tiny_model).generate([Request(x, p)])[0] for x in prompts]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    other = engine.generate([Request(prompts[0], replace(p, seed=124))])[0]
+    assert other.token_ids != batched[0].token_ids
+
+
+# --------------------------------------------------------------------------- loop detection
+
+
+def test_loop_detector_periods():
+    det = LoopDetector(max_period=8, min_repeats=4, min_tokens=12)
+    hits = [det.push(t) for t in [9, 8] + [1, 2, 3] * 6]
+    first = hits.index(True)
+    assert det.period == 3
+    assert first == 2 + 12 - 1  # 12 tokens of (1, 2, 3) = 4 repeats and 12 tokens
+    det = LoopDetector(max_period=8, min_repeats=4, min_tokens=12)
+    assert not any(det.push(t) for t in _ids(200, 5, lo=0, hi=50))
+
+
+def test_engine_flags_forced_loop(tiny_cfg):
+    rule = script_rule(2, [60, 61] + [40, 41, 42] * 100)
+    model = ScriptModel(tiny_cfg, rule)
+    params = GenerationParams(max_new_tokens=200, loop_max_period=8, loop_min_repeats=4,
+                              loop_min_tokens=12)
+    (res,) = Engine(model).generate([Request([0, 70], params)])
+    assert res.finish_reason == "loop" and res.loop_period == 3
+    assert res.token_ids == [60, 61] + [40, 41, 42] * 4
+    (off,) = Engine(model).generate([Request([0, 70], replace(params, detect_loops=False))])
+    assert off.finish_reason == "length" and off.num_generated_tokens == 200
+
+
+# --------------------------------------------------------------------------- finish reasons
+
+
+def test_finish_reasons_eos_length_stop(tiny_cfg, tok):
+    model = ScriptModel(tiny_cfg, script_rule(2, _byte_ids("abc STOP def")))
+    engine = Engine(model, tok)
+    p = GenerationParams(max_new_tokens=50)
+    eos, length, stop_id, stop_str, with_stop = engine.generate([
+        Request([0, 70], p),
+        Request([0, 70], replace(p, max_new_tokens=4)),
+        Request([0, 70], replace(p, stop_token_ids=(BYTE0 + ord("S"),))),
+        Request([0, 70], replace(p, stop=("STOP", "zzz"))),
+        Request([0, 70], replace(p, stop=("STOP",), include_stop_str=True)),
+    ])
+    assert eos.finish_reason == "eos" and eos.token_ids[-1] == tok.eos_id
+    assert eos.text == "abc STOP def" and eos.num_generated_tokens == 13
+    assert length.finish_reason == "length" and length.text == "abc " and len(length.token_ids) == 4
+    assert stop_id.finish_reason == "stop" and stop_id.text == "abc "
+    assert stop_id.token_ids[-1] == BYTE0 + ord("S")
+    assert stop_str.finish_reason == "stop" and stop_str.text == "abc "
+    assert len(stop_str.token_ids) == len("abc STOP")
+    assert with_stop.text == "abc STOP"
+    # ignore_eos runs to max_new_tokens
+    (res,) = engine.generate([Request([0, 70], replace(p, max_new_tokens=20, ignore_eos=True))])
+    assert res.finish_reason == "length" and res.num_generated_tokens == 20
+
+
+def test_results_carry_counts_and_timings(tiny_model):
+    (r,) = Engine(tiny_model).generate([Request([0] + _ids(7, 0),
+                                                GenerationParams(max_new_tokens=5))])
+    assert r.num_prompt_tokens == 8 and r.num_generated_tokens == len(r.token_ids) <= 5
+    assert 0 <= r.queue_s <= r.ttft_s <= r.total_s and r.prefill_s > 0 and r.decode_s >= 0
+    assert r.request_id == 0 and r.text is None  # no tokenizer: ids only
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streaming_multibyte_deltas(tiny_cfg, tok):
+    text = "aé中🙂b ok"
+    model = ScriptModel(tiny_cfg, script_rule(2, _byte_ids(text)))
+    deltas = []
+    (res,) = Engine(model, tok).generate([Request([0, 70])], on_event=lambda e: deltas.append(e))
+    assert res.text == text and "".join(e.text for e in deltas) == text
+    assert all("\ufffd" not in e.text for e in deltas)
+    # the 4 bytes of the emoji arrive as 4 events; only the last one carries text
+    emoji_events = [e.text for e in deltas[len("aé中".encode()):len("aé中🙂".encode())]]
+    assert emoji_events == ["", "", "", "🙂"]
+    assert deltas[-1].result is res and res.finish_reason == "eos"
+
+
+def test_streaming_concatenation_equals_text_random_bytes(tiny_model, tok):
+    # The random tiny model emits arbitrary byte ids, including invalid UTF-8 sequences.
+    engine = Engine(tiny_model, tok, max_batch_size=2)
+    reqs = [Request([0] + _ids(5 + i, 10 + i), GenerationParams(max_new_tokens=20))
+            for i in range(3)]
+    pieces: dict = {}
+    results = engine.generate(reqs, on_event=lambda e: pieces.setdefault(e.request_id, [])
+                              .append(e.text))
+    for r in results:
+        ids = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
+        assert "".join(pieces[r.request_id]) == r.text == tok.decode(ids)
+
+
+def test_incremental_detokenizer_matches_decode(tok):
+    ids = tok.encode("naïve 東京 — 🙂🙃 end") + [BYTE0 + 0xE2, BYTE0 + 0x82, BYTE0 + ord("x")]
+    detok = IncrementalDetokenizer(tok)
+    out = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert out == detok.text == tok.decode(ids)
+
+
+def test_stream_generator_yields_per_step(tiny_cfg, tok):
+    model = ScriptModel(tiny_cfg, script_rule(2, _byte_ids("hi")))
+    events = list(Engine(model, tok).stream([Request([0, 70]), Request([0, 71])]))
+    assert [e.request_id for e in events] == [0, 1, 0, 1, 0, 1]
+    assert [e.text for e in events if e.request_id == 0] == ["h", "i", ""]
+
+
+# --------------------------------------------------------------------------- batching equivalences
+
+
+def _image_prompts(cfg, seed=0):
+    """Prompts with <image> runs of different lengths and matching random embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    img = cfg.image_token_id
+    prompts, embeds = [], []
+    for i, (n_img, n_txt) in enumerate([(6, 5), (0, 9), (11, 3), (3, 14)]):
+        prompts.append([0] + [img] * n_img + _ids(n_txt, seed + i))
+        embeds.append(torch.randn(n_img, cfg.n_embed, generator=g) if n_img else None)
+    return prompts, embeds
+
+
+def test_batch_equals_single_equals_uncached(tiny_model, tiny_cfg):
+    prompts, embeds = _image_prompts(tiny_cfg)
+    p = GenerationParams(max_new_tokens=8, ignore_eos=True)
+    reqs = [Request(x, p, image_embeds=e) for x, e in zip(prompts, embeds)]
+    batched = [r.token_ids for r in Engine(tiny_model, max_batch_size=4).generate(reqs)]
+    single = [Engine(tiny_model).generate([r])[0].token_ids for r in reqs]
+    uncached = generate_greedy(tiny_model, prompts, embeds, max_new_tokens=8, use_cache=False)
+    wrapper = generate_greedy(tiny_model, prompts, embeds, max_new_tokens=8)
+    assert batched == single == uncached == wrapper
+
+
+def test_continuous_batching_matches_alone(tiny_model, tiny_cfg):
+    prompts, embeds = _image_prompts(tiny_cfg, seed=3)
+    prompts += [[0] + _ids(2, 40), [0] + _ids(17, 41), [0] + _ids(8, 42)]
+    embeds += [None, None, None]
+    max_new = [3, 12, 5, 9, 1, 7, 4]
+    reqs = [Request(x, GenerationParams(max_new_tokens=m, ignore_eos=True), image_embeds=e)
+            for x, e, m in zip(prompts, embeds, max_new)]
+    engine = Engine(tiny_model, max_batch_size=3)
+    results = engine.generate(reqs)
+    assert engine.stats.max_active == 3 and not engine.has_unfinished()
+    for req, res, m in zip(reqs, results, max_new):
+        (alone,) = Engine(tiny_model).generate([req])
+        assert res.token_ids == alone.token_ids and len(res.token_ids) == m
+        assert res.finish_reason == "length"
+    assert results[-1].queue_s > 0  # it waited for a free slot
+
+
+def test_continuous_batching_slots_with_mock(tiny_cfg):
+    # Each row's tokens are read back from its cache row, so a wrong slot move or a prefill into
+    # a busy row changes the output.
+    def rule(history):
+        return 20 + (sum(history) * 7 + len(history)) % 200
+
+    model = ScriptModel(tiny_cfg, rule)
+    reqs = [Request([0] + _ids(3 + 2 * i, i), GenerationParams(max_new_tokens=2 + (5 * i) % 9,
+                                                               detect_loops=False))
+            for i in range(9)]
+    together = Engine(model, max_batch_size=4, max_prefill_tokens=16).generate(reqs)
+    for req, res in zip(reqs, together):
+        assert res.token_ids == Engine(model).generate([req])[0].token_ids
+
+
+def test_images_are_encoded_once_at_admission(tiny_model, tiny_cfg):
+    prompts, embeds = _image_prompts(tiny_cfg, seed=7)
+    calls = []
+
+    def fake_encode(images):  # stands in for the vision tower: image i -> embeds[i]
+        calls.append(list(images))
+        return [embeds[i] for i in images]
+
+    tiny_model.encode_images = fake_encode
+    p = GenerationParams(max_new_tokens=4, ignore_eos=True)
+    with_images = [Request(x, p, images=[i] if e is not None else None)
+                   for i, (x, e) in enumerate(zip(prompts, embeds))]
+    with_embeds = [Request(x, p, image_embeds=e) for x, e in zip(prompts, embeds)]
+    a = Engine(tiny_model, max_batch_size=4).generate(with_images)
+    b = Engine(tiny_model, max_batch_size=4).generate(with_embeds)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert calls == [[0, 2, 3]]  # one batched call for the admitted newcomers
+
+
+def test_cache_grows_for_long_request(tiny_model):
+    engine = Engine(tiny_model, max_batch_size=2)
+    p = GenerationParams(max_new_tokens=4, ignore_eos=True)
+    engine.generate([Request([0] + _ids(5, 0), p)])
+    assert engine.cache.max_len == 256
+    long = Request([0] + _ids(300, 1), p)
+    (res,) = engine.generate([long])
+    assert engine.cache.max_len == 512
+    assert res.token_ids == Engine(tiny_model).generate([long])[0].token_ids
+
+
+def test_kv_cache_rows_and_move():
+    cache = KVCache(2, 3, 1, 4, 2, torch.float32)
+    rows = cache.rows(1, 3)
+    rows[0][0][1, 0, 2] = 5.0  # layer 0, k, row 1 of the view = slot 2
+    assert cache.k[0, 2, 0, 2].tolist() == [5.0, 5.0]
+    cache.move_row(2, 0, 3)
+    assert cache.k[0, 0, 0, 2].tolist() == [5.0, 5.0]
+
+
+def test_default_dtype():
+    assert default_dtype("cpu") == torch.float32
+    assert default_dtype("cuda") == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager(tiny_model):
+    prompts = [[0] + _ids(6, 1), [0] + _ids(9, 2)]
+    p = GenerationParams(max_new_tokens=6, ignore_eos=True)
+    eager = Engine(tiny_model, max_batch_size=2).generate([Request(x, p) for x in prompts])
+    compiled = Engine(tiny_model, max_batch_size=2, compile_decode=True,
+                      compile_options={"backend": "eager", "dynamic": True})
+    got = compiled.generate([Request(x, p) for x in prompts])
+    assert [r.token_ids for r in got] == [r.token_ids for r in eager]
