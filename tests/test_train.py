@@ -167,3 +167,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert meta["step"] == 3
     logged = [json.loads(x) for x in open(out / "log.jsonl") if "samples_per_s" in x]
     assert logged and logged[-1]["samples_per_s"] > 0
+
+
+def test_worker_stream_equals_inline_batches(tiny_cfg):
+    from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+    from dsocr.train.data import batch_stream
+
+    tok = Tokenizer(byte_tokenizer())
+    inline = batch_stream(_recipe(), tok, tiny_cfg, start_step=5, rank=0, batch_size=2, seed=3)
+    pooled = batch_stream(
+        _recipe(), tok, tiny_cfg, start_step=5, rank=0, batch_size=2, seed=3, workers=2
+    )
+    for _ in range(4):
+        a, b = next(inline), next(pooled)
+        assert a.targets == b.targets and torch.equal(a.input_ids, b.input_ids)
+        torch.testing.assert_close(a.images[0].global_view, b.images[0].global_view)

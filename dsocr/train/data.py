@@ -15,9 +15,11 @@ Legend: B batch, T tokens.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -48,7 +50,7 @@ TOY_DOCS = [
 class DataRecipe:
     """What a training sample looks like; saved in checkpoint metadata."""
 
-    corpus: str | None = None  # folder with train.jsonl / heldout.jsonl; None: TOY_DOCS
+    corpus: str | None = None  # folder with train.jsonl[.gz] / heldout.jsonl[.gz]; None: TOY_DOCS
     modes: tuple[str, ...] = ("tiny", "small")
     prompts: tuple[str, ...] = ("free",)  # keys of PROMPTS; "markdown" samples use render_markdown
     min_chars: int = 40
@@ -78,14 +80,19 @@ class Batch:
 
 @lru_cache(maxsize=4)
 def load_corpus(folder: str | None, split: str) -> tuple[dict, ...]:
-    """Rows {"doc", "text", ...} of ``<folder>/<split>.jsonl``; TOY_DOCS when folder is None."""
+    """Rows {"doc", "text", ...} of ``<folder>/<split>.jsonl`` (or ``.jsonl.gz``); TOY_DOCS when
+    folder is None."""
     if folder is None:
         docs = TOY_DOCS if split == "train" else TOY_DOCS[::-1]
         return tuple({"doc": f"toy-{i}", "text": t} for i, t in enumerate(docs))
     path = Path(folder) / f"{split}.jsonl"
+    if not path.is_file() and path.with_suffix(".jsonl.gz").is_file():
+        path = path.with_suffix(".jsonl.gz")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: corpus split not found (run scripts/build_corpus.py)")
-    rows = tuple(json.loads(line) for line in path.open(encoding="utf-8") if line.strip())
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        rows = tuple(json.loads(line) for line in f if line.strip())
     if not rows:
         raise ValueError(f"{path}: empty corpus split")
     return rows
@@ -185,4 +192,75 @@ def make_batch(
     encoded = [encode_sample(s, tok, cfg, recipe.max_target_tokens) for s in samples]
     batch = collate(encoded, tok.pad_id, device)
     batch.targets = [s.target for s in samples]
+    return batch
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """An endless stream of the batches for steps start, start+1, ... (CPU tensors).
+
+    With N DataLoader workers, worker w builds steps start+w, start+w+N, ...; the loader reads the
+    workers round-robin, so the stream is in step order and identical for any N.
+    """
+
+    def __init__(
+        self,
+        recipe: DataRecipe,
+        tok: Tokenizer,
+        cfg: DeepseekOCRConfig,
+        *,
+        start_step: int,
+        rank: int,
+        batch_size: int,
+        seed: int,
+        split: str = "train",
+    ):
+        super().__init__()
+        self.recipe, self.tok, self.cfg = recipe, tok, cfg
+        self.start_step, self.rank, self.batch_size = start_step, rank, batch_size
+        self.seed, self.split = seed, split
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + w
+        while True:
+            yield make_batch(
+                self.recipe,
+                self.tok,
+                self.cfg,
+                step=step,
+                rank=self.rank,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                split=self.split,
+            )
+            step += n
+
+
+def batch_stream(
+    recipe: DataRecipe,
+    tok: Tokenizer,
+    cfg: DeepseekOCRConfig,
+    *,
+    start_step: int,
+    rank: int,
+    batch_size: int,
+    seed: int,
+    workers: int = 0,
+) -> Iterator[Batch]:
+    """Batches for consecutive steps from ``start_step``, built by ``workers`` processes."""
+    ds = StepBatches(
+        recipe, tok, cfg, start_step=start_step, rank=rank, batch_size=batch_size, seed=seed
+    )
+    if workers <= 0:
+        return iter(ds)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False
+    )
+    return iter(loader)
+
+
+def batch_to(batch: Batch, device) -> Batch:
+    batch.input_ids = batch.input_ids.to(device, non_blocking=True)
+    batch.labels = batch.labels.to(device, non_blocking=True)
     return batch

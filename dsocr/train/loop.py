@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from dsocr.configs import CONFIGS
 from dsocr.language.tokenizer import Tokenizer
 from dsocr.model import DeepseekOCRForCausalLM
-from dsocr.train.data import Batch, DataRecipe, make_batch
+from dsocr.train.data import Batch, DataRecipe, batch_stream, batch_to, make_batch
 from dsocr.weights import load_checkpoint, save_checkpoint
 
 
@@ -64,6 +64,7 @@ class TrainConfig:
     save_every: int = 200
     max_minutes: float | None = None  # stop with a checkpoint after this much wall time
     device: str | None = None
+    workers: int = 0  # data-loader processes building batches ahead of the model (0: inline)
     data: DataRecipe = field(default_factory=DataRecipe)
 
 
@@ -243,20 +244,20 @@ def train(cfg: TrainConfig, log=print) -> Path:
     t_last, samples_since = time.time(), 0
     best = _read_best(out)
 
+    stream = batch_stream(
+        cfg.data,
+        tok,
+        model.config,
+        start_step=step,
+        rank=rank,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        workers=cfg.workers,
+    )
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = make_batch(
-            cfg.data,
-            tok,
-            model.config,
-            step=step,
-            rank=rank,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            split="train",
-            device=device,
-        )
+        batch = batch_to(next(stream), device)
         with autocast if autocast is not None else _null():
             loss = step_fn(batch)
         opt.zero_grad(set_to_none=True)
