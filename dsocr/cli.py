@@ -64,6 +64,68 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from dsocr.compress import compress
+    from dsocr.render import PageStyle
+
+    text = _read_text(args.text_file)
+    style = None
+    if args.font or args.font_size or args.line_height or args.margin is not None:
+        kw = dict(
+            font=args.font,
+            font_size=args.font_size,
+            line_height=args.line_height,
+            margin=args.margin,
+        )
+        style = PageStyle(**{k: v for k, v in kw.items() if v is not None})
+    m = compress(text, args.mode, style, out_dir=args.out, fit_one_page=args.fit_one_page)
+    st = m.stats
+    print(
+        f"{args.out}: {len(m.pages)} page(s), {st.text_tokens} text tokens, "
+        f"{st.vision_tokens} vision tokens, {st.ratio:.1f}x compression ({args.mode})"
+    )
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from dsocr.api import load_model
+    from dsocr.compress import decompress
+
+    ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
+    source = _read_text(args.source) if args.source else None
+    res = decompress(
+        args.folder, ocr, args.prompt, source=source, max_new_tokens=args.max_new_tokens
+    )
+    if args.output:
+        from dsocr.fileio import atomic_write_text
+
+        atomic_write_text(args.output, str(res) + "\n")
+    else:
+        print(str(res))
+    if res.precision is not None:
+        print(f"precision {res.precision:.4f}  recall {res.recall:.4f}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script}: benchmarks run from a source checkout of dsocr")
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        return open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read text ({e})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsocr", description="DeepSeek-OCR in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("height", type=int)
     t.add_argument("--mode", default=None, choices=list(MODES))
     t.set_defaults(func=cmd_tokens)
+
+    c = sub.add_parser("compress", help="render a text file to page images + manifest")
+    c.add_argument("text_file")
+    c.add_argument("--mode", default="tiny", choices=list(MODES))
+    c.add_argument("--out", "-o", required=True, help="output folder")
+    c.add_argument("--font", default=None, choices=["sans", "serif", "mono"])
+    c.add_argument("--font-size", type=int, default=None, help="px (default: scaled to the page)")
+    c.add_argument("--line-height", type=float, default=None)
+    c.add_argument("--margin", type=int, default=None)
+    c.add_argument("--fit-one-page", action="store_true", help="largest font that fits one page")
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("decompress", help="decode a compressed folder back to text")
+    d.add_argument("folder")
+    d.add_argument("--model", default=None)
+    d.add_argument("--source", default=None, help="the original text file, to report precision")
+    d.add_argument("--prompt", default="<image>\nFree OCR.")
+    d.add_argument("--max-new-tokens", type=int, default=None)
+    d.add_argument("--device", default=None)
+    d.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    d.add_argument("--output", "-o", default=None, help="write the text here (default: stdout)")
+    d.set_defaults(func=cmd_decompress)
+
+    b = sub.add_parser("bench", help="run a benchmark script from bench/ (source checkout)")
+    b.add_argument("name", choices=["compression", "engine", "data", "render"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="describe a model")
     i.add_argument("--model", default=None)

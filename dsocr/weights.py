@@ -16,8 +16,6 @@ Gotcha: safetensors cannot store tensors that share memory; we save contiguous c
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsocr.configs import DeepseekOCRConfig, config_to_json, load_config
+from dsocr.fileio import atomic_write_json, atomic_write_with
 from dsocr.model import DeepseekOCRForCausalLM, build_model
 
 OPTIONAL_KEYS = ("model.vision_model.embeddings.patch_embedding.weight",)
@@ -140,22 +139,6 @@ def load_checkpoint(
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda t: Path(t).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def save_checkpoint(
     model: DeepseekOCRForCausalLM,
     folder: str | Path,
@@ -192,19 +175,19 @@ def save_checkpoint(
         n = len(shards)
         names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for name, shard in zip(names, shards):
-        _atomic_write(folder / name, lambda t, s=shard: save_file(s, t, metadata=fmt))
+        atomic_write_with(folder / name, lambda t, s=shard: save_file(s, t, metadata=fmt))
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for v in sd.values())
-        write_json(
+        atomic_write_json(
             folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
         )
     for p in stale:
         if p.name not in names and p.name != (INDEX_FILE if len(shards) > 1 else None):
             p.unlink(missing_ok=True)
-    write_json(folder / "config.json", config_to_json(model.config))
+    atomic_write_json(folder / "config.json", config_to_json(model.config))
     if tokenizer is not None:
         tokenizer.save(folder)
     if meta is not None:
-        write_json(folder / "meta.json", meta)
+        atomic_write_json(folder / "meta.json", meta)
     return folder

@@ -122,3 +122,21 @@ def test_imports_point_one_way(module, forbidden):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_compress_then_decompress(tmp_path, capsys, monkeypatch):
+    import dsocr.api as api
+
+    src = tmp_path / "notes.txt"
+    src.write_text("Optical compression keeps old context as pages of text. " * 3)
+    assert main(["compress", str(src), "--mode", "tiny", "-o", str(tmp_path / "c")]) == 0
+    assert "64 vision tokens" in capsys.readouterr().out
+    assert (tmp_path / "c" / "manifest.json").is_file()
+    # A perfect reader recovers the text exactly: precision 1.
+    text = src.read_text().strip()
+    monkeypatch.setattr(api.OCR, "generate", lambda self, *a, **k: text)
+    out = tmp_path / "back.txt"
+    args = ["decompress", str(tmp_path / "c"), "--model", "tiny", "--source", str(src), "-o"]
+    assert main([*args, str(out), "--device", "cpu"]) == 0
+    assert out.read_text().strip() == src.read_text().strip()
+    assert "precision 1.0000" in capsys.readouterr().err

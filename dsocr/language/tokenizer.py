@@ -49,6 +49,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
+from dsocr.fileio import atomic_write_text
+
 # --------------------------------------------------------------------------------------------------
 # Special tokens. Official ids (spec §5): BOS 0, EOS 1, PAD 2, then OCR_TOKENS at 128815..128826.
 # --------------------------------------------------------------------------------------------------
@@ -71,8 +73,18 @@ ASSISTANT_TOKEN = "<|Assistant|>"
 
 # The tokens DeepSeek-OCR appends to the DeepSeek-V3 vocab, in add order (128815, 128816, ...).
 OCR_TOKENS: tuple[str, ...] = (
-    IMAGE_TOKEN, REF_START, REF_END, DET_START, DET_END, GROUNDING_TOKEN,
-    TD_START, TD_END, TR_START, TR_END, USER_TOKEN, ASSISTANT_TOKEN,
+    IMAGE_TOKEN,
+    REF_START,
+    REF_END,
+    DET_START,
+    DET_END,
+    GROUNDING_TOKEN,
+    TD_START,
+    TD_END,
+    TR_START,
+    TR_END,
+    USER_TOKEN,
+    ASSISTANT_TOKEN,
 )
 # All special tokens; in our small tokenizers they take ids 0..14 in exactly this order.
 SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN) + OCR_TOKENS
@@ -105,8 +117,12 @@ class Tokenizer:
     as read-only: ``sha256`` and ``save`` use the JSON text it was built from.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, json_text: str | None = None,
-                 source: str = "<in-memory tokenizer>"):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        json_text: str | None = None,
+        source: str = "<in-memory tokenizer>",
+    ):
         self.backend = backend
         self.source = source
         self._json = json_text if json_text is not None else backend.to_str()
@@ -146,7 +162,7 @@ class Tokenizer:
         """Write ``<folder>/tokenizer.json`` (the exact text this tokenizer was loaded from)."""
         path = Path(folder) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self._json, encoding="utf-8")
+        atomic_write_text(path, self._json)
         return path
 
     @property
@@ -276,8 +292,11 @@ _MIN_VOCAB = _N_SPECIAL + 256  # specials + one symbol per byte
 def _byte_symbols() -> list[str]:
     """The 256 byte-level symbols in byte order (symbol k stands for byte k)."""
     table = pre_tokenizers.ByteLevel.alphabet()  # unordered; rebuild GPT-2's bytes_to_unicode
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-               *range(ord("®"), ord("ÿ") + 1)]
+    visible = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = {}, 0
     for b in range(256):
         if b in visible:
@@ -299,22 +318,27 @@ def _byte_bpe(
     readable (byte k -> 15 + k) and independent of the text. Merge ranks are kept as trained.
     """
     if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size={vocab_size} is too small: need at least {_MIN_VOCAB} "
-                         f"({_N_SPECIAL} special tokens + 256 byte symbols)")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: need at least {_MIN_VOCAB} "
+            f"({_N_SPECIAL} special tokens + 256 byte symbols)"
+        )
     symbols = _byte_symbols()
     merges: list[tuple[str, str]] = []
     if texts is not None and vocab_size > _MIN_VOCAB:
         trainee = _empty_byte_level()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=False,
             special_tokens=list(SPECIAL_TOKENS),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         trainee.train_from_iterator(texts, trainer=trainer)
         model = json.loads(trainee.to_str())["model"]
         # tokenizers writes merges as "a b" strings (older files) or [a, b] pairs (0.20+).
-        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-                  for m in model["merges"]]
+        merges = [
+            tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]
+        ]
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     vocab.update({s: _N_SPECIAL + k for k, s in enumerate(symbols)})
