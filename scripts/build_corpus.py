@@ -24,6 +24,7 @@ doc, group, lang, source, text) and ``manifest.json`` (counts and sha256 of each
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import re
@@ -165,6 +166,10 @@ def build(out: Path, min_chars: int = 500) -> dict:
         final = out / f"{s}.jsonl"
         t.replace(final)
         manifest["files"][final.name] = hashlib.sha256(final.read_bytes()).hexdigest()
+        # A compressed copy (mtime 0: byte-identical rebuilds) to carry to a training machine.
+        with gzip.GzipFile(out / f".{s}.jsonl.gz.tmp", "wb", mtime=0) as gz:
+            gz.write(final.read_bytes())
+        (out / f".{s}.jsonl.gz.tmp").replace(out / f"{s}.jsonl.gz")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -1,0 +1,49 @@
+"""Train the dsocr-mini tokenizer (byte-level BPE, specials at ids 0..14) on the corpus train split.
+
+    python scripts/train_tokenizer.py --corpus data/corpus --vocab-size 8192 --out data/mini
+
+Only the train split is read, so held-out text never shapes the vocabulary. Deterministic for the
+same corpus (its manifest sha256 is printed beside the tokenizer's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dsocr.language.tokenizer import Tokenizer, train_tokenizer
+from dsocr.train.data import load_corpus
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--corpus", default="data/corpus")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--out", default="data/mini")
+    args = ap.parse_args(argv)
+    rows = load_corpus(args.corpus, "train")
+    tok = Tokenizer(train_tokenizer((r["text"] for r in rows), args.vocab_size))
+    path = tok.save(args.out)
+    manifest = Path(args.corpus) / "manifest.json"
+    corpus_hash = json.loads(manifest.read_text())["files"] if manifest.is_file() else None
+    print(
+        json.dumps(
+            {
+                "tokenizer": str(path),
+                "size": len(tok),
+                "sha256": tok.sha256,
+                "image_id": tok.image_id,
+                "corpus_files": corpus_hash,
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
