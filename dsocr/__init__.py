@@ -8,7 +8,7 @@ Public API (imports are lazy, so ``import dsocr`` stays cheap)::
 
 __version__ = "0.1.0"
 
-__all__ = ["OCR", "load_model", "count_image_tokens", "CONFIGS", "MODES"]
+__all__ = ["OCR", "load_model", "convert", "count_image_tokens", "CONFIGS", "MODES"]
 
 
 def __getattr__(name):
@@ -16,6 +16,10 @@ def __getattr__(name):
         from dsocr import api
 
         return getattr(api, name)
+    if name == "convert":
+        from dsocr.pipeline.convert import convert
+
+        return convert
     if name == "count_image_tokens":
         from dsocr.vision.preprocess import count_image_tokens
 

@@ -39,6 +39,50 @@ def cmd_ocr(args) -> int:
     return status
 
 
+def cmd_convert(args) -> int:
+    from dsocr.pipeline.convert import convert
+    from dsocr.pipeline.workspace import BatchSummary, OutputError
+
+    def report(doc):
+        if doc.status == "failed":
+            print(f"dsocr: error: {doc.error}", file=sys.stderr)
+        else:
+            print(
+                f"{doc.status}: {doc.source} -> {doc.folder} ({len(doc.pages)} pages, "
+                f"{len(doc.flagged_pages)} flagged)",
+                file=sys.stderr,
+            )
+
+    try:
+        docs = convert(
+            args.inputs,
+            ocr=args.model,
+            out_dir=args.out,
+            device=args.device,
+            dtype=_dtype(args.dtype),
+            on_document=report,
+            task=args.task,
+            prompt=args.prompt,
+            ref=args.ref,
+            mode=args.mode,
+            batch_size=args.batch_size,
+            pages=args.pages,
+            dpi=args.dpi,
+            password=args.password,
+            max_new_tokens=args.max_new_tokens,
+            html_tables_to_markdown=args.tables_to_markdown,
+        )
+    except OutputError as e:
+        print(f"dsocr: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dsocr: interrupted; finished documents are kept, rerun to resume", file=sys.stderr)
+        return 130
+    summary = BatchSummary.from_documents(docs)
+    print(summary.format(), file=sys.stderr)
+    return summary.exit_code
+
+
 def cmd_tokens(args) -> int:
     from dsocr.vision.preprocess import count_image_tokens, crop_grid, valid_image_tokens
 
@@ -151,6 +195,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: float32 on CPU, bfloat16 on GPU",
     )
     o.set_defaults(func=cmd_ocr)
+
+    v = sub.add_parser("convert", help="images and PDFs to Markdown + JSON (resumable batch)")
+    v.add_argument("inputs", nargs="+", help="files, folders or globs")
+    v.add_argument("-o", "--out", required=True, help="output folder")
+    v.add_argument(
+        "--task",
+        default="markdown",
+        choices=["markdown", "ocr", "free", "figure", "describe", "locate"],
+    )
+    v.add_argument("--prompt", default=None, help="a raw prompt (overrides --task)")
+    v.add_argument("--ref", default=None, help="what to locate (--task locate)")
+    v.add_argument("--mode", default="gundam", choices=list(MODES))
+    v.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder, bundled model or variant (default: dsocr-mini)",
+    )
+    v.add_argument("--device", default=None)
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--batch-size", type=int, default=8, help="pages decoded together")
+    v.add_argument("--pages", default=None, help="page ranges, e.g. 1-5,9 (1-based)")
+    v.add_argument("--dpi", type=int, default=144, help="PDF rasterisation")
+    v.add_argument("--password", default=None, help="for encrypted PDFs")
+    v.add_argument("--max-new-tokens", type=int, default=8192)
+    v.add_argument(
+        "--tables-to-markdown",
+        action="store_true",
+        help="turn simple HTML tables into Markdown tables",
+    )
+    v.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("tokens", help="vision tokens an image of WIDTH x HEIGHT costs per mode")
     t.add_argument("width", type=int)

@@ -55,3 +55,21 @@ __all__ = [
     "to_markdown",
     "unique_stems",
 ]
+
+# --- conversion (issue 3): output layout and batch workspace are light (no torch); the converter
+# imports the engine and model code, so its names load on first use. The batch function is
+# ``dsocr.pipeline.convert.convert`` (the package attribute ``convert`` is that submodule).
+from dsocr.pipeline.output import write_document  # noqa: E402
+from dsocr.pipeline.workspace import BatchSummary, OutputError, Workspace  # noqa: E402
+
+_CONVERT_NAMES = ("ConvertOptions", "Converter", "Document", "PageResult", "convert_file")
+
+__all__ += ["BatchSummary", "OutputError", "Workspace", "write_document", *_CONVERT_NAMES]
+
+
+def __getattr__(name):
+    if name in _CONVERT_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module("dsocr.pipeline.convert"), name)
+    raise AttributeError(f"module 'dsocr.pipeline' has no attribute {name!r}")

@@ -1,0 +1,318 @@
+"""Resumable batch workspace: one output folder per document, done markers, staging, summary.
+
+After olmocr's workspace (done flags, a rerun skips finished work) without its queue machinery:
+
+    OUT/<stem>/...                    a complete document folder (``output.py``)
+    OUT/.dsocr/done/<stem>.json       its done marker: key, source, sha256, pages, flags
+    OUT/.dsocr/tmp/<pid>.<r>.<stem>/  staging folder while a document is being written
+    OUT/.dsocr/summary.json           the last run's summary (``BatchSummary``)
+
+Contract:
+- A document is *done* when its marker exists, the marker's key matches, and its folder's JSON
+  exists. The key is ``sha256(source bytes) + sha256(output-affecting options and model)``, so a
+  changed file or changed options redo the document; an unchanged one is skipped.
+- A document is written completely into a staging folder, then renamed into ``OUT/<stem>``
+  (an older folder of the same stem is renamed away first and deleted after), then its marker is
+  written. Ctrl-C or a crash at any point leaves either no folder, the old complete folder or the
+  new complete one, and only complete documents have markers; the staging folder is removed on
+  any exception (``KeyboardInterrupt`` included), and stale staging folders of dead processes are
+  removed when a workspace is opened.
+- Names come from ``providers.safe_stem`` / ``unique_stems``; ``folder()`` also checks that the
+  result stays inside ``OUT`` (no path traversal). Stems never start with ``.``, so ``.dsocr``
+  cannot collide with a document.
+- Anything that cannot be written raises :class:`OutputError`, one line naming the folder.
+
+One process per workspace at a time (no locking); two runs on different ``OUT`` are independent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dsocr.fileio import atomic_write_json, fsync_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsocr.pipeline.convert import Document
+
+META_DIR = ".dsocr"
+MARKER_VERSION = 1
+
+
+class OutputError(OSError):
+    """An output folder or file that cannot be written. ``str(e)`` is ``"<folder>: <reason>"``."""
+
+    def __init__(self, folder: str | os.PathLike, reason: str):
+        self.folder = str(folder)
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{self.folder}: {self.reason}")
+
+    def __str__(self) -> str:
+        return f"{self.folder}: {self.reason}"
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks). Raises OSError."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def options_fingerprint(settings: dict[str, Any]) -> str:
+    """Hex sha256 of the canonical JSON of ``settings`` (the options that change the output)."""
+    text = json.dumps(settings, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def document_key(source_sha256: str, fingerprint: str) -> str:
+    return hashlib.sha256(f"{source_sha256}:{fingerprint}".encode()).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but not ours, or the platform cannot tell: keep it
+    return True
+
+
+class Workspace:
+    """An output folder for a batch; see the module docstring for the layout and contract."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.meta = self.root / META_DIR
+        self.done_dir = self.meta / "done"
+        self.tmp_dir = self.meta / "tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.done_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.tmp_dir, prefix=".probe.")
+            os.close(fd)
+            os.unlink(probe)
+        except (FileExistsError, NotADirectoryError):
+            raise OutputError(
+                self.root, "cannot create output folder: a file is in the way"
+            ) from None
+        except OSError as e:
+            raise OutputError(self.root, f"cannot write output folder: {_why(e)}") from None
+        self.clean_stale()
+
+    # ---------------------------------------------------------------- names
+    def folder(self, stem: str) -> Path:
+        """``OUT/<stem>``; asserts the name is one safe path component."""
+        assert stem and stem not in (".", "..") and not stem.startswith("."), stem
+        assert "/" not in stem and "\\" not in stem and "\x00" not in stem, stem
+        path = self.root / stem
+        assert path.parent == self.root, f"{stem!r} escapes {self.root}"
+        return path
+
+    def marker_path(self, stem: str) -> Path:
+        self.folder(stem)  # same checks
+        return self.done_dir / f"{stem}.json"
+
+    # ---------------------------------------------------------------- done markers
+    def read_marker(self, stem: str) -> dict | None:
+        try:
+            return json.loads(self.marker_path(stem).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def is_done(self, stem: str, key: str) -> bool:
+        """True if ``stem`` was completed with this key and its folder is still complete."""
+        marker = self.read_marker(stem)
+        if marker is None or marker.get("key") != key:
+            return False
+        return (self.folder(stem) / f"{stem}.json").is_file()
+
+    def document_json(self, stem: str) -> dict:
+        """The JSON of a finished document (``OUT/<stem>/<stem>.json``)."""
+        path = self.folder(stem) / f"{stem}.json"
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    # ---------------------------------------------------------------- writing
+    def commit(self, doc: Document, key: str, write: Callable[[Document, Path], Any]) -> Path:
+        """Write ``doc`` via ``write(doc, staging_folder)``, move it to ``OUT/<stem>``, mark it done.
+
+        Raises :class:`OutputError` naming the folder when something cannot be written; nothing
+        partial is left behind in that case (or on KeyboardInterrupt).
+        """
+        final = self.folder(doc.stem)
+        if final.is_symlink() or (final.exists() and not final.is_dir()):
+            raise OutputError(final, "exists and is not a folder; not replaced")
+        marker = self.marker_path(doc.stem)
+        tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+        staging = self.tmp_dir / f"{tag}.{doc.stem}"  # the pid first: clean_stale reads it
+        old = self.tmp_dir / f"{tag}.old.{doc.stem}"
+        try:
+            try:
+                staging.mkdir()
+                write(doc, staging)
+                marker.unlink(missing_ok=True)
+                if final.exists():
+                    os.rename(final, old)
+                os.rename(staging, final)
+                fsync_dir(self.root)
+            except OSError as e:
+                if isinstance(e, OutputError):
+                    raise
+                where = getattr(e, "filename", None) or final
+                raise OutputError(final, f"{_why(e)} ({where})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        record = {
+            "version": MARKER_VERSION,
+            "key": key,
+            "stem": doc.stem,
+            "source": str(doc.source),
+            "sha256": doc.sha256,
+            "pages": len(doc.pages),
+            "flagged_pages": [p.index + 1 for p in doc.pages if p.flags],
+            "finished_at": time.time(),
+        }
+        try:
+            atomic_write_json(marker, record)
+        except OSError as e:
+            raise OutputError(marker.parent, f"cannot write done marker: {_why(e)}") from None
+        return final
+
+    def write_summary(self, summary: BatchSummary) -> Path:
+        path = self.meta / "summary.json"
+        try:
+            atomic_write_json(path, summary.to_json())
+        except OSError as e:
+            raise OutputError(self.meta, f"cannot write summary: {_why(e)}") from None
+        return path
+
+    def clean_stale(self) -> None:
+        """Remove staging folders left by processes that no longer run (crash, kill -9)."""
+        for entry in self.tmp_dir.iterdir():
+            head = entry.name.split(".", 1)[0]
+            pid = int(head) if head.isdigit() else None
+            if pid is None or not _pid_alive(pid):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclass
+class BatchSummary:
+    """Counts for one run of a batch. ``exit_code``: 0 when nothing failed, else 1."""
+
+    documents: int = 0
+    converted: int = 0
+    skipped: int = 0  # done in an earlier run (resume)
+    failed: int = 0
+    pages: int = 0  # pages converted in this run
+    skipped_pages: int = 0
+    flagged_pages: int = 0
+    flag_counts: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # one line per failed document
+    flagged: list[str] = field(default_factory=list)  # "<source>: page N: flag, flag"
+    wall_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.interrupted
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    @classmethod
+    def from_documents(
+        cls, docs: Iterable[Document], wall_s: float | None = None, interrupted: bool = False
+    ) -> BatchSummary:
+        """Summarise converted, skipped and failed documents.
+
+        ``wall_s`` defaults to the span from the earliest document's run start to the latest
+        finish, as recorded in ``doc.timings`` (``started_at`` / ``finished_at``).
+        """
+        s = cls(interrupted=interrupted)
+        starts, ends = [], []
+        for doc in docs:
+            s.documents += 1
+            starts.append(doc.timings.get("started_at"))
+            ends.append(doc.timings.get("finished_at"))
+            if doc.status == "failed":
+                s.failed += 1
+                s.errors.append(doc.error or f"{doc.source}: failed")
+                continue
+            if doc.status == "skipped":
+                s.skipped += 1
+                s.skipped_pages += len(doc.pages)
+                continue
+            if doc.status != "converted":
+                continue  # still pending (interrupted run)
+            s.converted += 1
+            s.pages += len(doc.pages)
+            for page in doc.pages:
+                if page.flags:
+                    s.flagged_pages += 1
+                    s.flagged.append(
+                        f"{doc.source}: page {page.index + 1}: {', '.join(page.flags)}"
+                    )
+                for flag in page.flags:
+                    s.flag_counts[flag] = s.flag_counts.get(flag, 0) + 1
+        if wall_s is None:
+            starts = [t for t in starts if t is not None]
+            ends = [t for t in ends if t is not None]
+            wall_s = max(ends) - min(starts) if starts and ends else 0.0
+        s.wall_s = max(0.0, wall_s)
+        return s
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["pages_per_s"] = round(self.pages_per_s, 4)
+        d["exit_code"] = self.exit_code
+        return d
+
+    def format(self) -> str:
+        """A short human summary (several lines) for the end of a CLI run."""
+        head = (
+            f"{self.documents} document(s): {self.converted} converted, {self.skipped} skipped "
+            f"(already done), {self.failed} failed; {self.pages} page(s) in {self.wall_s:.1f} s "
+            f"({self.pages_per_s:.2f} pages/s)"
+        )
+        lines = [head]
+        if self.flagged_pages:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(self.flag_counts.items()))
+            lines.append(f"{self.flagged_pages} flagged page(s) ({counts}); see the JSON:")
+            lines += [f"  {line}" for line in self.flagged]
+        if self.errors:
+            lines.append(f"{self.failed} failed:")
+            lines += [f"  {line}" for line in self.errors]
+        if self.interrupted:
+            lines.append("interrupted: finished documents are kept; rerun to resume")
+        return "\n".join(lines)
