@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dsocr.configs import DeepseekOCRConfig, get_mode
+from dsocr.configs import DeepseekOCRConfig, Mode, get_mode
 from dsocr.language.tokenizer import PROMPTS, Tokenizer, build_prompt_ids
 from dsocr.render import PageStyle, degrade, missing_chars, render_markdown, render_text
 from dsocr.vision.preprocess import ImageInputs, preprocess_image
@@ -51,7 +51,7 @@ class DataRecipe:
     """What a training sample looks like; saved in checkpoint metadata."""
 
     corpus: str | None = None  # folder with train.jsonl[.gz] / heldout.jsonl[.gz]; None: TOY_DOCS
-    modes: tuple[str, ...] = ("tiny", "small")
+    modes: tuple[str | Mode, ...] = ("tiny", "small")  # names, or Mode objects (tests)
     prompts: tuple[str, ...] = ("free",)  # keys of PROMPTS; "markdown" samples use render_markdown
     min_chars: int = 40
     max_chars: int = 1500
