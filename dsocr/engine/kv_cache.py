@@ -16,18 +16,11 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
-    def __init__(self, num_layers, batch_size, num_heads, max_len, head_dim, dtype, device=None):
-        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nh, S_max, hs)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+class _LayerBuffers:
+    """What the model needs from a cache: ``cache[i]`` -> layer i's (k, v) buffers."""
 
-    @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
-        lang = model.config.language
-        return cls(lang.num_hidden_layers, batch_size, lang.num_attention_heads, max_len,
-                   lang.head_dim, model.dtype, model.device)
+    k: torch.Tensor  # (L, B, nh, S_max, hs)
+    v: torch.Tensor
 
     def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer], self.v[layer]
@@ -38,6 +31,27 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
+
+
+class KVCache(_LayerBuffers):
+    def __init__(self, num_layers, batch_size, num_heads, max_len, head_dim, dtype, device=None):
+        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nh, S_max, hs)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
+        lang = model.config.language
+        return cls(
+            lang.num_hidden_layers,
+            batch_size,
+            lang.num_attention_heads,
+            max_len,
+            lang.head_dim,
+            model.dtype,
+            model.device,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -65,18 +79,8 @@ class KVCache:
         return new
 
 
-class KVCacheView:
+class KVCacheView(_LayerBuffers):
     """A batch-slice of a :class:`KVCache` (``KVCache.rows``); the model indexes it the same way."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v  # (L, b, nh, S_max, hs) views
-
-    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer], self.v[layer]
-
-    def __len__(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
