@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from dsocr.configs import CONFIGS, Mode, get_mode
-from dsocr.engine.generate import generate_greedy
+from dsocr.engine.generate import Engine, GenerationParams, Request, Result
+from dsocr.engine.sampling import OFFICIAL_NGRAM_SETTINGS, ngram_whitelist_for
 from dsocr.language.tokenizer import PROMPTS, Tokenizer, build_prompt_ids, byte_tokenizer
 from dsocr.model import DeepseekOCRForCausalLM
 from dsocr.vision.preprocess import ImageInputs, check_image_size, preprocess_image
@@ -67,6 +68,42 @@ class OCR:
         return preprocess_image(image, get_mode(mode))
 
     @torch.no_grad()
+    def run(
+        self,
+        image: Image.Image | str | Path | None,
+        prompt: str = PROMPTS["free"],
+        mode: str | Mode = "base",
+        max_new_tokens: int = 512,
+        ngram: tuple[int, int] | None = OFFICIAL_NGRAM_SETTINGS["image"],
+    ) -> Result:
+        """Decode one image (or a text-only prompt when ``image`` is None) greedily.
+
+        Returns the engine's ``Result``: text, token ids, ``finish_reason`` ("eos", "length",
+        "loop") and timings. ``ngram`` = (size, window) of the official no-repeat ban; the default is
+        the official single-image setting (30, 90) with the ``<td>``/``</td>`` whitelist.
+        """
+        if image is None:
+            ids, embeds = build_prompt_ids(self.tokenizer, prompt, []), None
+        else:
+            inputs = self.preprocess(image, mode)
+            ids = build_prompt_ids(self.tokenizer, prompt, [inputs.num_tokens])
+            embeds = self.model.encode_images([inputs])
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            ngram_size=ngram[0] if ngram else None,
+            ngram_window=ngram[1] if ngram else 100,
+            ngram_whitelist=ngram_whitelist_for(self.tokenizer),
+        )
+        engine = Engine(
+            self.model,
+            self.tokenizer,
+            max_batch_size=1,
+            dtype=self.model.dtype,
+            eos_id=self.tokenizer.eos_id,
+        )
+        (result,) = engine.generate([Request(ids, params, image_embeds=embeds)])
+        return result
+
     def generate(
         self,
         image: Image.Image | str | Path | None,
@@ -74,24 +111,8 @@ class OCR:
         mode: str | Mode = "base",
         max_new_tokens: int = 512,
     ) -> str:
-        """Decode one image (or a text-only prompt when ``image`` is None) greedily to text."""
-        if image is None:
-            ids, embeds = build_prompt_ids(self.tokenizer, prompt, []), [None]
-        else:
-            inputs = self.preprocess(image, mode)
-            ids = build_prompt_ids(self.tokenizer, prompt, [inputs.num_tokens])
-            embeds = self.model.encode_images([inputs])
-        (new,) = generate_greedy(
-            self.model,
-            [ids],
-            embeds,
-            max_new_tokens=max_new_tokens,
-            eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id,
-        )
-        if new and new[-1] == self.tokenizer.eos_id:
-            new = new[:-1]
-        return self.tokenizer.decode(new).strip()
+        """The decoded text of :meth:`run`, stripped."""
+        return self.run(image, prompt, mode, max_new_tokens).text.strip()
 
 
 def load_model(

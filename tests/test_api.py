@@ -140,3 +140,22 @@ def test_cli_compress_then_decompress(tmp_path, capsys, monkeypatch):
     assert main([*args, str(out), "--device", "cpu"]) == 0
     assert out.read_text().strip() == src.read_text().strip()
     assert "precision 1.0000" in capsys.readouterr().err
+
+
+def test_run_reports_finish_reason_and_uses_the_official_ngram_ban(tmp_path, monkeypatch):
+    import dsocr.api as api
+
+    seen = {}
+    real = api.Engine.generate
+
+    def spy(self, requests, *a, **k):
+        seen["params"] = requests[0].params
+        return real(self, requests, *a, **k)
+
+    monkeypatch.setattr(api.Engine, "generate", spy)
+    ocr = dsocr.load_model("tiny", device="cpu")
+    res = ocr.run(_page(tmp_path / "p.png"), mode=TEST_BASE, max_new_tokens=3)
+    assert res.finish_reason in ("eos", "length") and res.num_generated_tokens <= 3
+    p = seen["params"]
+    assert (p.ngram_size, p.ngram_window) == (30, 90)  # the official single-image setting
+    assert p.ngram_whitelist == frozenset({ocr.tokenizer.token_to_id(t) for t in ("<td>", "</td>")})
