@@ -23,7 +23,7 @@ import torch
 
 from dsocr.configs import CONFIGS
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
-from dsocr.train.data import DataRecipe, batch_stream
+from dsocr.train.data import DataRecipe, StepBatches, batch_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +36,8 @@ def cpu_name() -> str:
 
 
 def pages_per_s(recipe, tok, cfg, workers: int, batches: int, batch_size: int) -> float:
-    stream = batch_stream(
-        recipe, tok, cfg, start_step=0, rank=0, batch_size=batch_size, seed=0, workers=workers
-    )
+    batches = StepBatches(recipe, tok, cfg, start_step=0, rank=0, batch_size=batch_size, seed=0)
+    stream = batch_stream(batches, workers=workers)
     next(stream)  # start-up (worker spawn, corpus load) is not counted
     t = time.perf_counter()
     for _ in range(batches):

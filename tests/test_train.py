@@ -172,13 +172,12 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 def test_worker_stream_equals_inline_batches(tiny_cfg):
     from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
-    from dsocr.train.data import batch_stream
+    from dsocr.train.data import StepBatches, batch_stream
 
     tok = Tokenizer(byte_tokenizer())
-    inline = batch_stream(_recipe(), tok, tiny_cfg, start_step=5, rank=0, batch_size=2, seed=3)
-    pooled = batch_stream(
-        _recipe(), tok, tiny_cfg, start_step=5, rank=0, batch_size=2, seed=3, workers=2
-    )
+    batches = StepBatches(_recipe(), tok, tiny_cfg, start_step=5, rank=0, batch_size=2, seed=3)
+    inline = batch_stream(batches)
+    pooled = batch_stream(batches, workers=2)
     for _ in range(4):
         a, b = next(inline), next(pooled)
         assert a.targets == b.targets and torch.equal(a.input_ids, b.input_ids)

@@ -237,25 +237,12 @@ class StepBatches(torch.utils.data.IterableDataset):
             step += n
 
 
-def batch_stream(
-    recipe: DataRecipe,
-    tok: Tokenizer,
-    cfg: DeepseekOCRConfig,
-    *,
-    start_step: int,
-    rank: int,
-    batch_size: int,
-    seed: int,
-    workers: int = 0,
-) -> Iterator[Batch]:
-    """Batches for consecutive steps from ``start_step``, built by ``workers`` processes."""
-    ds = StepBatches(
-        recipe, tok, cfg, start_step=start_step, rank=rank, batch_size=batch_size, seed=seed
-    )
+def batch_stream(batches: StepBatches, workers: int = 0) -> Iterator[Batch]:
+    """Iterate ``batches`` in step order, built by ``workers`` processes (0: in this process)."""
     if workers <= 0:
-        return iter(ds)
+        return iter(batches)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False
+        batches, batch_size=None, num_workers=workers, prefetch_factor=4
     )
     return iter(loader)
 

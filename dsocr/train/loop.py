@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from dsocr.configs import CONFIGS
 from dsocr.language.tokenizer import Tokenizer
 from dsocr.model import DeepseekOCRForCausalLM
-from dsocr.train.data import Batch, DataRecipe, batch_stream, batch_to, make_batch
+from dsocr.train.data import Batch, DataRecipe, StepBatches, batch_stream, batch_to, make_batch
 from dsocr.weights import load_checkpoint, save_checkpoint
 
 
@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     t_last, samples_since = time.time(), 0
     best = _read_best(out)
 
-    stream = batch_stream(
+    batches = StepBatches(
         cfg.data,
         tok,
         model.config,
@@ -252,8 +252,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         rank=rank,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        workers=cfg.workers,
     )
+    stream = batch_stream(batches, workers=cfg.workers)
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
