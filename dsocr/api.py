@@ -20,6 +20,7 @@ from dsocr.engine.generate import Engine, GenerationParams, Request, Result
 from dsocr.engine.sampling import OFFICIAL_NGRAM_SETTINGS, ngram_whitelist_for
 from dsocr.language.tokenizer import PROMPTS, Tokenizer, build_prompt_ids, byte_tokenizer
 from dsocr.model import DeepseekOCRForCausalLM
+from dsocr.pipeline.providers import iter_pages
 from dsocr.vision.preprocess import ImageInputs, check_image_size, preprocess_image
 from dsocr.weights import load_checkpoint
 
@@ -60,11 +61,15 @@ class OCR:
     source: str = ""
 
     def preprocess(self, image: Image.Image | str | Path, mode: str | Mode) -> ImageInputs:
+        """An image, or the first page of an image/PDF file, as the mode's tensors.
+
+        Files go through ``pipeline.providers`` (type by magic bytes, pixel limit before decoding,
+        EXIF); their problems raise ``InputError`` with a one-line "<path>: <reason>".
+        """
         if not isinstance(image, Image.Image):
-            path = image
-            image = Image.open(path)
+            image = next(iter_pages(image, pages=[0], extract_text=False)).image
+        else:
             check_image_size(image)
-            image.load()
         return preprocess_image(image, get_mode(mode))
 
     @torch.no_grad()

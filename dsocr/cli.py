@@ -22,6 +22,7 @@ def _dtype(name: str | None):
 def cmd_ocr(args) -> int:
     from dsocr.api import load_model
     from dsocr.language.tokenizer import PROMPTS
+    from dsocr.pipeline.providers import InputError
 
     ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     prompt = args.prompt or PROMPTS[args.task]
@@ -29,8 +30,8 @@ def cmd_ocr(args) -> int:
     for path in args.images:
         try:
             text = ocr.generate(path, prompt, mode=args.mode, max_new_tokens=args.max_new_tokens)
-        except (OSError, ValueError) as e:
-            print(f"dsocr: error: {path}: {e}", file=sys.stderr)
+        except InputError as e:  # already "<path>: <reason>"
+            print(f"dsocr: error: {e}", file=sys.stderr)
             status = 1
             continue
         if len(args.images) > 1:

@@ -64,29 +64,23 @@ def test_cli_tokens(capsys):
     assert re.search(r"tiny\s+1x1\s+73\s+64", out)
 
 
-def test_cli_ocr_bad_file_is_one_line_error_and_others_carry_on(tmp_path, capsys):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG not really")
+def test_cli_ocr_bad_files_are_one_line_errors_and_others_carry_on(tmp_path, capsys):
+    from test_providers import png_header_only
+
+    bad = [tmp_path / "broken.png", tmp_path / "empty.png", tmp_path / "notes.txt"]
+    bad[0].write_bytes(b"\x89PNG not really")
+    bad[1].write_bytes(b"")
+    bad[2].write_text("not an image")
+    bad.append(png_header_only(tmp_path / "bomb.png", 50_000, 50_000))  # never decoded
     good = _page(tmp_path / "good.png", 64, 64)
-    code = main(
-        [
-            "ocr",
-            str(bad),
-            str(good),
-            "--model",
-            "tiny",
-            "--mode",
-            "tiny",
-            "--max-new-tokens",
-            "2",
-            "--device",
-            "cpu",
-        ]
-    )
+    args = ["ocr", *map(str, bad), str(good), "--model", "tiny", "--mode", "tiny"]
+    code = main([*args, "--max-new-tokens", "2", "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 1
     errors = captured.err.strip().splitlines()
-    assert len(errors) == 1 and str(bad) in errors[0]
+    assert len(errors) == len(bad)
+    for path, line in zip(bad, errors):
+        assert line.startswith(f"dsocr: error: {path}: ")
     assert f"==> {good} <==" in captured.out
 
 
