@@ -84,6 +84,24 @@ def cmd_convert(args) -> int:
     return summary.exit_code
 
 
+def cmd_serve(args) -> int:
+    from dsocr.serve import serve
+
+    serve(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        api_key=args.api_key,
+        max_upload_mb=args.max_upload_mb,
+        max_pages=args.max_pages,
+        timeout_s=args.timeout,
+        max_queue=args.max_queue,
+        batch_size=args.batch_size,
+    )
+    return 0
+
+
 def cmd_tokens(args) -> int:
     from dsocr.vision.preprocess import count_image_tokens, crop_grid, valid_image_tokens
 
@@ -226,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn simple HTML tables into Markdown tables",
     )
     v.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (pip install dsocr[serve])")
+    s.add_argument("--model", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default=None)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--max-pages", type=int, default=50)
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    s.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tokens", help="vision tokens an image of WIDTH x HEIGHT costs per mode")
     t.add_argument("width", type=int)

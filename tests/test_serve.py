@@ -1,0 +1,344 @@
+"""``dsocr serve``: the real server (uvicorn on loopback) called with the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("multipart")
+
+from PIL import Image  # noqa: E402
+
+import dsocr  # noqa: E402
+from dsocr.serve.app import create_app  # noqa: E402
+
+API_KEY = "sk-test"
+MAX_UPLOAD = 200_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, app):
+        self.port = _free_port()
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            assert time.time() - t0 < 20, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    return dsocr.load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(ocr):
+    app = create_app(
+        ocr,
+        max_upload_bytes=MAX_UPLOAD,
+        max_pages=2,
+        request_timeout_s=30,
+        max_queue=16,
+        api_key=API_KEY,
+        max_batch_size=8,
+        max_new_tokens=64,
+    )
+    with _Server(app) as s:
+        s.app = app
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def _png(color=(255, 255, 255), size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", size, color)
+    img.paste((0, 0, 0), (8, 8, 30, 20))
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _messages(png: bytes | None = None, text: str = "Free OCR."):
+    png = png if png is not None else _png()
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
+
+
+def _chat(client, **kw):
+    kw.setdefault("model", "tiny")
+    kw.setdefault("messages", _messages())
+    kw.setdefault("max_tokens", 12)
+    extra = {"mode": "tiny", "ignore_eos": True} | kw.pop("extra_body", {})
+    return client.chat.completions.create(extra_body=extra, **kw)
+
+
+def _assert_ok(client):
+    r = _chat(client, max_tokens=3)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+
+
+def _post(server, path, headers=None, **kw):
+    h = {"Authorization": f"Bearer {API_KEY}"} | (headers or {})
+    return httpx.post(server.url + path, headers=h, timeout=30, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_plain_and_models(client, ocr):
+    r = _chat(client)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    # the server's greedy answer is the library's (same prompt layout, same engine)
+    expected = ocr.run(
+        Image.open(io.BytesIO(_png())).convert("RGB"), "<image>\nFree OCR.", "tiny", 12
+    )
+    assert r.choices[0].message.content == expected.text
+    assert r.usage.prompt_tokens == expected.num_prompt_tokens
+    models = client.models.list()
+    assert [m.id for m in models.data] == [client.models.list().data[0].id]
+
+
+def test_streaming_matches_plain(client):
+    plain = _chat(client, max_tokens=20).choices[0].message.content
+    chunks = list(_chat(client, max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == ["length"]
+    assert chunks[-1].usage.completion_tokens == 20
+
+
+def test_concurrent_requests_share_the_batch(client, server):
+    worker = server.app.state.worker
+    before = worker.max_active_seen
+    worker.max_active_seen = 0
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: _chat(client, max_tokens=40), range(6)))
+    assert all(r.usage.completion_tokens == 40 for r in results)
+    assert len({r.choices[0].message.content for r in results}) == 1  # same greedy request
+    assert worker.max_active_seen > 1
+    worker.max_active_seen = max(before, worker.max_active_seen)
+
+
+def test_sampling_params_accepted(client):
+    a = _chat(client, temperature=0.8, top_p=0.9, seed=3).choices[0].message.content
+    b = _chat(client, temperature=0.8, top_p=0.9, seed=3).choices[0].message.content
+    assert a == b
+
+
+def test_bad_api_key(server, client):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        _chat(bad)
+    r = httpx.get(server.url + "/v1/models", timeout=10)  # no key at all
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # open
+    _assert_ok(client)
+
+
+def test_malformed_json_and_fields(server, client):
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = _post(server, "/v1/chat/completions", json={"messages": "nope"})
+    assert r.status_code == 422 and "messages" in r.json()["error"]["message"]
+    with pytest.raises(openai.UnprocessableEntityError):
+        _chat(client, extra_body={"mode": "huge"})
+    _assert_ok(client)
+
+
+def test_non_image_payload_and_remote_url(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, messages=_messages(png=b"hello, this is not an image" * 4))
+    assert e.value.status_code == 400 and "not a supported image" in str(e.value)
+    remote = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                {"type": "text", "text": "Free OCR."},
+            ],
+        }
+    ]
+    with pytest.raises(openai.BadRequestError, match="remote"):
+        _chat(client, messages=remote)
+    r = _post(server, "/v1/ocr", files={"file": ("x.txt", b"plain text " * 10, "text/plain")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_file"
+    _assert_ok(client)
+
+
+def test_oversize_upload(server, client):
+    noise = Image.frombytes("RGB", (300, 300), random.Random(0).randbytes(300 * 300 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    big = buf.getvalue()
+    assert len(big) > MAX_UPLOAD
+    r = _post(server, "/v1/ocr", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "upload_too_large"
+    with pytest.raises(openai.APIStatusError) as e:
+        _chat(client, messages=_messages(png=big))
+    assert e.value.status_code == 413
+    _assert_ok(client)
+
+
+def _pdf(n_pages: int) -> bytes:
+    pages = [Image.new("RGB", (120, 160), (255, 255, 255)) for _ in range(n_pages)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="PDF", save_all=True, append_images=pages[1:], resolution=72)
+    return buf.getvalue()
+
+
+def test_ocr_endpoint_and_page_limit(server, client):
+    opts = {"mode": "tiny", "max_new_tokens": "8", "task": "free"}
+    r = _post(server, "/v1/ocr", files={"file": ("doc.pdf", _pdf(3), "application/pdf")}, data=opts)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pages"
+    r = _post(
+        server,
+        "/v1/ocr",
+        files={"file": ("doc.pdf", _pdf(3), "application/pdf")},
+        data=opts | {"pages": "2-3"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["document"]["format"] == "dsocr.document"
+    assert body["document"]["pages_converted"] == 2 and isinstance(body["markdown"], str)
+    r = _post(
+        server,
+        "/v1/ocr",
+        files={"file": ("a.png", _png(), "image/png")},
+        data=opts | {"mode": "nope"},
+    )
+    assert r.status_code == 422
+    r = _post(server, "/v1/ocr", files={"file": ("a.png", _png(), "image/png")}, data=opts)
+    assert r.status_code == 200 and r.json()["document"]["pages_converted"] == 1
+    _assert_ok(client)
+
+
+def test_full_queue_and_timeout(ocr):
+    app = create_app(
+        ocr,
+        max_upload_bytes=MAX_UPLOAD,
+        max_pages=2,
+        request_timeout_s=1.5,
+        max_queue=1,
+        max_batch_size=1,
+        max_new_tokens=64,
+    )
+    worker = app.state.worker
+    real_step = worker.engine.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return real_step()
+
+    worker.engine.step = slow_step
+    with _Server(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+
+        def call(_):
+            try:
+                return _chat(client, max_tokens=10).usage.completion_tokens
+            except openai.RateLimitError:
+                return 429
+
+        with ThreadPoolExecutor(5) as pool:
+            codes = list(pool.map(call, range(5)))
+        assert 429 in codes and 10 in codes, codes
+        # a request that cannot finish in time: 504, and the server still serves afterwards
+        with pytest.raises(openai.APIStatusError) as e:
+            _chat(client, max_tokens=64)
+        assert e.value.status_code == 504
+        t0 = time.time()
+        while worker.outstanding and time.time() - t0 < 10:  # the aborted one frees its slot
+            time.sleep(0.05)
+        assert worker.outstanding == 0
+        assert _chat(client, max_tokens=3).usage.completion_tokens == 3
+
+
+def test_metrics(server, client):
+    _assert_ok(client)
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'dsocr_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    assert 'dsocr_requests_total{endpoint="/v1/chat/completions",status="401"}' in text
+    assert "dsocr_generated_tokens_total" in text and "dsocr_pages_total" in text
+    assert 'dsocr_request_latency_seconds_bucket{endpoint="/v1/chat/completions",le="+Inf"}' in text
+    assert "dsocr_queue_depth 0" in text
+    gen = [line for line in text.splitlines() if line.startswith("dsocr_generated_tokens_total")]
+    assert int(gen[0].split()[-1]) > 0
+
+
+def test_raw_sse_format(server):
+    body = {
+        "messages": _messages(),
+        "max_tokens": 4,
+        "stream": True,
+        "mode": "tiny",
+        "ignore_eos": True,
+    }
+    r = _post(server, "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_ocr_alongside_chat(server, client):
+    opts = {"mode": "tiny", "max_new_tokens": "8", "task": "free"}
+    with ThreadPoolExecutor(3) as pool:
+        doc = pool.submit(
+            _post, server, "/v1/ocr", files={"file": ("a.png", _png(), "image/png")}, data=opts
+        )
+        chats = [pool.submit(_chat, client, max_tokens=16) for _ in range(2)]
+        assert doc.result().status_code == 200
+        assert all(c.result().usage.completion_tokens == 16 for c in chats)
