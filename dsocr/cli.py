@@ -189,6 +189,12 @@ def _read_text(path: str) -> str:
         raise ValueError(f"{path}: cannot read text ({e})") from None
 
 
+def _eval_run():
+    from dsocr.eval import run
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsocr", description="DeepSeek-OCR in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn simple HTML tables into Markdown tables",
     )
     v.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("eval", help="OCR accuracy and speed against peers (Tesseract, RapidOCR)")
+    _eval_run().add_arguments(e)
+    e.set_defaults(
+        func=lambda a: _eval_run().run_from_args(a, "dsocr eval " + " ".join(sys.argv[2:]))
+    )
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (pip install dsocr[serve])")
     s.add_argument("--model", default=None)
