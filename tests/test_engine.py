@@ -430,3 +430,30 @@ def test_compiled_decode_step_matches_eager(tiny_model):
                       compile_options={"backend": "eager", "dynamic": True})
     got = compiled.generate([Request(x, p) for x in prompts])
     assert [r.token_ids for r in got] == [r.token_ids for r in eager]
+
+
+def test_abort_frees_a_running_slot_without_disturbing_the_others(tiny_cfg):
+    def rule(history):
+        return 20 + (sum(history) * 7 + len(history)) % 200
+
+    model = ScriptModel(tiny_cfg, rule)
+    params = GenerationParams(max_new_tokens=6, detect_loops=False)
+    reqs = [Request([0] + _ids(3 + i, i), params, request_id=f"r{i}") for i in range(4)]
+    engine = Engine(model, max_batch_size=2)
+    for r in reqs:
+        engine.add_request(r)
+    done = {}
+    engine.step()  # r0, r1 admitted and running; r2, r3 waiting
+    assert engine.abort("r0") and engine.abort("r3") and not engine.abort("nope")
+    while engine.has_unfinished():
+        for ev in engine.step():
+            if ev.result is not None:
+                done[ev.request_id] = ev.result.token_ids
+    assert set(done) == {"r1", "r2"}  # the aborted ones never finish
+    for rid in ("r1", "r2"):
+        req = next(r for r in reqs if r.request_id == rid)
+        assert done[rid] == Engine(model).generate([req])[0].token_ids
+    engine.add_request(reqs[0])
+    engine.step()
+    engine.reset()
+    assert not engine.has_unfinished()

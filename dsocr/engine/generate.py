@@ -171,7 +171,8 @@ class _Sequence:
         self.final_len: int | None = None  # text length when a stop string cut it
         self.loops = (
             LoopDetector(params.loop_max_period, params.loop_min_repeats, params.loop_min_tokens)
-            if params.detect_loops else None
+            if params.detect_loops
+            else None
         )
         self.finish_reason: str | None = None
         self.t_admit = self.t_first = self.t_end = 0.0
@@ -245,7 +246,8 @@ class Engine:
         params = request.params
         assert len(request.prompt_ids) > 0, "empty prompt"
         assert request.images is None or request.image_embeds is None, (
-            "give a request images or image_embeds, not both")
+            "give a request images or image_embeds, not both"
+        )
         assert not params.stop or self.tokenizer is not None, "stop strings need a tokenizer"
         rid = request.request_id if request.request_id is not None else next(self._ids)
         seq = _Sequence(request, rid, time.perf_counter(), self.tokenizer, self.model.device)
@@ -259,6 +261,26 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.active)
+
+    def abort(self, request_id: Hashable) -> bool:
+        """Drop one request, waiting or running (its slot is freed now; no result is produced).
+        Returns whether it was found."""
+        for s in self.waiting:
+            if s.request_id == request_id:
+                self.waiting.remove(s)
+                return True
+        for s in self.active:
+            if s.request_id == request_id:
+                self._retire(s)
+                return True
+        return False
+
+    def reset(self) -> None:
+        """Drop every waiting and running request (e.g. after an interrupted run)."""
+        self.waiting.clear()
+        for s in self.active:
+            s.slot = -1
+        self.active.clear()
 
     @torch.no_grad()
     def step(self) -> list[StreamEvent]:
@@ -400,13 +422,15 @@ class Engine:
         for i, s in enumerate(seqs):
             p = s.params
             if p.ngram_size:
-                apply_no_repeat_ngram(logits[i], s.generated, p.ngram_size, p.ngram_window,
-                                      p.ngram_whitelist)
+                apply_no_repeat_ngram(
+                    logits[i], s.generated, p.ngram_size, p.ngram_window, p.ngram_whitelist
+                )
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                tokens[i] = int(sample(logits[i], s.params.temperature, s.params.top_p,
-                                       s.generator))
+                tokens[i] = int(
+                    sample(logits[i], s.params.temperature, s.params.top_p, s.generator)
+                )
         return tokens
 
     def _advance(self, seqs, tokens, events, now: float) -> None:
@@ -517,12 +541,18 @@ def generate_greedy(
     """
     image_embeds = image_embeds or [None] * len(prompts)
     if not use_cache:
-        return _generate_greedy_uncached(model, prompts, image_embeds, max_new_tokens, eos_id,
-                                         pad_id)
-    params = GenerationParams(max_new_tokens=max_new_tokens, ignore_eos=eos_id is None,
-                              detect_loops=False)
-    engine = Engine(model, max_batch_size=len(prompts), dtype=model.dtype,
-                    eos_id=eos_id if eos_id is not None else -1)
+        return _generate_greedy_uncached(
+            model, prompts, image_embeds, max_new_tokens, eos_id, pad_id
+        )
+    params = GenerationParams(
+        max_new_tokens=max_new_tokens, ignore_eos=eos_id is None, detect_loops=False
+    )
+    engine = Engine(
+        model,
+        max_batch_size=len(prompts),
+        dtype=model.dtype,
+        eos_id=eos_id if eos_id is not None else -1,
+    )
     reqs = [Request(list(p), params, image_embeds=e) for p, e in zip(prompts, image_embeds)]
     return [r.token_ids for r in engine.generate(reqs)]
 

@@ -567,14 +567,7 @@ class Generate:
 
     def reset(self) -> None:
         """Forget requests left in the engine by an interrupted run."""
-        reset = getattr(self.engine, "reset", None)
-        if callable(reset):
-            reset()
-            return
-        for name in ("waiting", "active"):  # dsocr Engine: the queues are plain containers
-            pending = getattr(self.engine, name, None)
-            if hasattr(pending, "clear"):
-                pending.clear()
+        self.engine.reset()
 
 
 class Postprocess:

@@ -271,15 +271,8 @@ class EngineWorker:
                 return
             if rid not in self._callbacks:
                 continue
-            eng = self.engine
-            waiting = [s for s in eng.waiting if s.request_id == rid]
-            if waiting:
-                eng.waiting.remove(waiting[0])
+            if self.engine.abort(rid):
                 self._finish(rid)
-                continue
-            for s in eng.active:  # ends at its next token (finish_reason "length")
-                if s.request_id == rid:
-                    s.max_new = min(s.max_new, len(s.generated) + 1)
 
     def _run(self) -> None:
         while not self._stop.is_set():
