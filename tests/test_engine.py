@@ -457,3 +457,12 @@ def test_abort_frees_a_running_slot_without_disturbing_the_others(tiny_cfg):
     engine.step()
     engine.reset()
     assert not engine.has_unfinished()
+
+
+def test_image_placeholder_is_never_generated(tiny_cfg):
+    # A model that always prefers <image> must get its second choice instead: a generated <image>
+    # fed back would be read as a slot for image embeddings that do not exist.
+    img = tiny_cfg.image_token_id
+    model = ScriptModel(tiny_cfg, lambda history: img)
+    (res,) = Engine(model).generate([Request([0, 40, 41], GenerationParams(max_new_tokens=4))])
+    assert img not in res.token_ids and len(res.token_ids) == 4

@@ -418,7 +418,12 @@ class Engine:
 
     # ---------------------------------------------------------------- token choice and stopping
     def _select(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
-        """Apply each row's n-gram ban, then greedy or its own seeded sampler. logits (B, V)."""
+        """Apply each row's n-gram ban, then greedy or its own seeded sampler. logits (B, V).
+
+        ``<image>`` is never generated: it is an input-only placeholder, and a generated one
+        would be read back as a slot for image embeddings that do not exist.
+        """
+        logits[:, self.model.config.image_token_id] = float("-inf")
         for i, s in enumerate(seqs):
             p = s.params
             if p.ngram_size:
