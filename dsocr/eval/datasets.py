@@ -20,7 +20,6 @@ Two builders (``scripts/build_eval_sets.py`` runs both, writing ``data/eval/<set
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from dsocr.fileio import sha256_file
 
 MANIFEST = "manifest.jsonl"
 
@@ -49,14 +50,6 @@ class EvalPage:
 
     def load_image(self) -> Image.Image:
         return Image.open(self.image_path).convert("RGB")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_set(out_dir: str | os.PathLike, items: list[tuple[str, Image.Image, str, str]]) -> Path:

@@ -40,7 +40,6 @@ Gotchas:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 from collections.abc import Iterable, Sequence
@@ -49,7 +48,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-from dsocr.fileio import atomic_write_text
+from dsocr.fileio import atomic_write_text, sha256_text
 
 # --------------------------------------------------------------------------------------------------
 # Special tokens. Official ids (spec §5): BOS 0, EOS 1, PAD 2, then OCR_TOKENS at 128815..128826.
@@ -168,7 +167,7 @@ class Tokenizer:
     @property
     def sha256(self) -> str:
         """Hex sha256 of the tokenizer.json text, for checkpoint metadata."""
-        return hashlib.sha256(self._json.encode("utf-8")).hexdigest()
+        return sha256_text(self._json)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no BOS/EOS added, special-token strings map to their ids."""

@@ -27,7 +27,6 @@ One process per workspace at a time (no locking); two runs on different ``OUT`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -39,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsocr.fileio import atomic_write_json, fsync_dir
+from dsocr.fileio import atomic_write_json, fsync_dir, sha256_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from dsocr.pipeline.convert import Document
@@ -64,23 +63,13 @@ def _why(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks). Raises OSError."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def options_fingerprint(settings: dict[str, Any]) -> str:
     """Hex sha256 of the canonical JSON of ``settings`` (the options that change the output)."""
-    text = json.dumps(settings, sort_keys=True, ensure_ascii=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_text(json.dumps(settings, sort_keys=True, ensure_ascii=True, default=str))
 
 
 def document_key(source_sha256: str, fingerprint: str) -> str:
-    return hashlib.sha256(f"{source_sha256}:{fingerprint}".encode()).hexdigest()
+    return sha256_text(f"{source_sha256}:{fingerprint}")
 
 
 def _pid_alive(pid: int) -> bool:

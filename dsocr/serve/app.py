@@ -87,6 +87,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.code = status, message, type_, code
 
 
+def _too_large(message: str) -> APIError:
+    """413 for a body, image or upload over ``max_upload_bytes``."""
+    return APIError(413, message, code="upload_too_large")
+
+
 def error_body(message: str, type_: str, code: str | None) -> dict:
     return {"error": {"message": message, "type": type_, "code": code}}
 
@@ -450,11 +455,7 @@ def create_app(
     def check_length(request: HTTPRequest, limit: int) -> None:
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > limit:
-            raise APIError(
-                413,
-                f"request body of {int(n)} bytes exceeds the limit of {limit}",
-                code="upload_too_large",
-            )
+            raise _too_large(f"request body of {int(n)} bytes exceeds the limit of {limit}")
 
     # ---------------------------------------------------------------- info endpoints
     @app.get("/health")
@@ -512,20 +513,14 @@ def create_app(
         if not header.endswith(";base64"):
             raise APIError(400, "image data: URL must be base64-encoded", code="invalid_image_url")
         if len(payload) * 3 // 4 > max_upload_bytes + 3:
-            raise APIError(
-                413,
-                f"image exceeds the upload limit of {max_upload_bytes} bytes",
-                code="upload_too_large",
-            )
+            raise _too_large(f"image exceeds the upload limit of {max_upload_bytes} bytes")
         try:
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise APIError(400, "image data is not valid base64", code="invalid_image") from None
         if len(raw) > max_upload_bytes:
-            raise APIError(
-                413,
-                f"image of {len(raw)} bytes exceeds the upload limit of {max_upload_bytes} bytes",
-                code="upload_too_large",
+            raise _too_large(
+                f"image of {len(raw)} bytes exceeds the upload limit of {max_upload_bytes} bytes"
             )
         kind = sniff_type(raw[:1024])
         if kind is None or kind == "pdf":
@@ -793,11 +788,7 @@ def create_app(
             )
         data = await upload.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise APIError(
-                413,
-                f"upload exceeds the limit of {max_upload_bytes} bytes",
-                code="upload_too_large",
-            )
+            raise _too_large(f"upload exceeds the limit of {max_upload_bytes} bytes")
         kind = sniff_type(data[:1024])
         if kind is None:
             raise APIError(
