@@ -9,6 +9,7 @@ The embedded default, dsocr-mini, lives in ``dsocr/assets/dsocr-mini/`` once tra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,27 +88,50 @@ class OCR:
         "loop") and timings. ``ngram`` = (size, window) of the official no-repeat ban; the default is
         the official single-image setting (30, 90) with the ``<td>``/``</td>`` whitelist.
         """
-        if image is None:
-            ids, embeds = build_prompt_ids(self.tokenizer, prompt, []), None
-        else:
+        (result,) = self.run_many([image], prompt, mode, max_new_tokens, ngram, batch_size=1)
+        return result
+
+    @torch.no_grad()
+    def run_many(
+        self,
+        images: Sequence[Image.Image | str | Path | None],
+        prompt: str = PROMPTS["free"],
+        mode: str | Mode = "base",
+        max_new_tokens: int | Sequence[int] = 512,
+        ngram: tuple[int, int] | None = OFFICIAL_NGRAM_SETTINGS["image"],
+        batch_size: int = 8,
+    ) -> list[Result]:
+        """:meth:`run` over many images, ``batch_size`` decoding together in one engine (continuous
+        batching); results in input order. ``max_new_tokens`` may be one value per image."""
+        budgets = (
+            [max_new_tokens] * len(images)
+            if isinstance(max_new_tokens, int)
+            else list(max_new_tokens)
+        )
+        if len(budgets) != len(images):
+            raise ValueError(f"{len(budgets)} max_new_tokens values for {len(images)} images")
+        requests = []
+        for image, budget in zip(images, budgets):
+            params = GenerationParams(
+                max_new_tokens=budget,
+                ngram_size=ngram[0] if ngram else None,
+                ngram_window=ngram[1] if ngram else 100,
+                ngram_whitelist=ngram_whitelist_for(self.tokenizer),
+            )
+            if image is None:
+                requests.append(Request(build_prompt_ids(self.tokenizer, prompt, []), params))
+                continue
             inputs = self.preprocess(image, mode)
             ids = build_prompt_ids(self.tokenizer, prompt, [inputs.num_tokens])
-            embeds = self.model.encode_images([inputs])
-        params = GenerationParams(
-            max_new_tokens=max_new_tokens,
-            ngram_size=ngram[0] if ngram else None,
-            ngram_window=ngram[1] if ngram else 100,
-            ngram_whitelist=ngram_whitelist_for(self.tokenizer),
-        )
+            requests.append(Request(ids, params, images=[inputs]))
         engine = Engine(
             self.model,
             self.tokenizer,
-            max_batch_size=1,
+            max_batch_size=max(1, batch_size),
             dtype=self.model.dtype,
             eos_id=self.tokenizer.eos_id,
         )
-        (result,) = engine.generate([Request(ids, params, image_embeds=embeds)])
-        return result
+        return engine.generate(requests)
 
     def generate(
         self,

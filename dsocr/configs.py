@@ -181,6 +181,36 @@ CONFIGS: dict[str, DeepseekOCRConfig] = {
         ),
         image_token_id=3,  # dsocr tokenizers put the special tokens first (ids 0..14)
     ),
+    # The CPU-trainable stand-in for ``mini`` (about 8M parameters), sized so that a 2-core CPU
+    # sees tens of thousands of pages in a couple of hours. It ships as dsocr-mini until a GPU run
+    # trains ``mini`` itself; its tokenizer is an English BPE of 4096 (same special-token layout).
+    "mini-cpu": _variant(
+        "mini-cpu",
+        sam=dict(
+            width=96,
+            depth=3,
+            heads=3,
+            window_size=8,  # divides the 32/40-patch grids of Tiny/Small: no padded windows
+            global_attn_indexes=(2,),
+            out_chans=96,
+            downsample_channels=(192, 256),
+        ),
+        clip=dict(width=256, layers=2, heads=4, mlp_dim=768),
+        language=dict(
+            vocab_size=4096,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=768,
+            moe_intermediate_size=256,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=3,
+    ),
     # Random-weight tests: builds and runs a forward in well under a second on CPU.
     "tiny": _variant(
         "tiny",

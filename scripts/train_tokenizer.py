@@ -1,6 +1,8 @@
 """Train the dsocr-mini tokenizer (byte-level BPE, specials at ids 0..14) on the corpus train split.
 
     python scripts/train_tokenizer.py --corpus data/corpus --vocab-size 8192 --out data/mini
+    python scripts/train_tokenizer.py --corpus data/corpus --vocab-size 4096 --langs en \
+        --out data/mini-cpu          # the CPU stand-in's tokenizer (English only)
 
 Only the train split is read, so held-out text never shapes the vocabulary. Deterministic for the
 same corpus (its manifest sha256 is printed beside the tokenizer's).
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 from dsocr.language.tokenizer import Tokenizer, train_tokenizer
-from dsocr.train.data import load_corpus
+from dsocr.train.data import recipe_docs
 
 
 def main(argv=None) -> int:
@@ -24,8 +26,10 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default="data/corpus")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--out", default="data/mini")
+    ap.add_argument("--langs", default="", help="comma list of corpus lang codes (default: all)")
     args = ap.parse_args(argv)
-    rows = load_corpus(args.corpus, "train")
+    langs = tuple(x for x in args.langs.split(",") if x)
+    rows = recipe_docs(args.corpus, "train", langs)
     tok = Tokenizer(train_tokenizer((r["text"] for r in rows), args.vocab_size))
     path = tok.save(args.out)
     manifest = Path(args.corpus) / "manifest.json"

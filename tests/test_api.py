@@ -49,6 +49,23 @@ def test_generate_matches_manual_pipeline(tiny_model, tmp_path):
     assert out == expected
 
 
+def test_run_many_equals_run_one_by_one(tmp_path):
+    """Batched decoding (different images, budgets) returns what each image returns alone."""
+    ocr = dsocr.load_model("tiny", device="cpu")
+    images = []
+    for i, (w, h) in enumerate([(100, 80), (140, 60), (90, 120)]):
+        img = Image.new("RGB", (w, h), "white")
+        img.paste((40 * i, 0, 0), (5, 5, 30 + 10 * i, 25))
+        images.append(img)
+    budgets = [6, 3, 9]
+    many = ocr.run_many(images, mode=TEST_BASE, max_new_tokens=budgets, batch_size=2)
+    for img, n, got in zip(images, budgets, many):
+        alone = ocr.run(img, mode=TEST_BASE, max_new_tokens=n)
+        assert got.token_ids == alone.token_ids and got.text == alone.text
+    with pytest.raises(ValueError, match="2 max_new_tokens values for 3 images"):
+        ocr.run_many(images, mode=TEST_BASE, max_new_tokens=[1, 2])
+
+
 def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
     import dsocr.api as api
 

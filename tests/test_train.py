@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import TEST_BASE
 
-from dsocr.train.data import DataRecipe, load_corpus, make_batch
+from dsocr.configs import CONFIGS
+from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+from dsocr.train.data import DataRecipe, load_corpus, make_batch, recipe_docs
 from dsocr.train.loop import TrainConfig, lr_at, train
 from dsocr.weights import read_state_dict
 
@@ -88,6 +90,29 @@ def test_heldout_never_intersects_training(tmp_path):
     assert {d.split("/")[2] for d in heldout} == {g.split("/")[1] for g in held}
     # The built-in toy corpus keeps its splits apart too (different strings per split order).
     assert load_corpus(None, "train")[0]["text"] != load_corpus(None, "heldout")[0]["text"]
+
+
+def test_recipe_language_filter(tmp_path):
+    rows = [
+        {"doc": f"d{i}", "lang": lang, "text": f"text {lang} {i}"} for i, lang in enumerate("aab")
+    ]
+    for split in ("train", "heldout"):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert [r["doc"] for r in recipe_docs(str(tmp_path), "train", ("a",))] == ["d0", "d1"]
+    assert len(recipe_docs(str(tmp_path), "train", ())) == 3
+    with pytest.raises(ValueError, match="no documents in languages zz"):
+        recipe_docs(str(tmp_path), "heldout", ("zz",))
+    batch = make_batch(
+        _recipe(corpus=str(tmp_path), langs=("b",)),
+        Tokenizer(byte_tokenizer()),
+        CONFIGS["tiny"],
+        step=0,
+        rank=0,
+        batch_size=2,
+        seed=0,
+    )
+    assert all(t.startswith("text b") for t in batch.targets)
 
 
 def test_built_corpus_splits_are_disjoint():

@@ -51,6 +51,7 @@ class DataRecipe:
     """What a training sample looks like; saved in checkpoint metadata."""
 
     corpus: str | None = None  # folder with train.jsonl[.gz] / heldout.jsonl[.gz]; None: TOY_DOCS
+    langs: tuple[str, ...] = ()  # keep only corpus rows with these "lang" codes; (): all
     modes: tuple[str | Mode, ...] = ("tiny", "small")  # names, or Mode objects (tests)
     prompts: tuple[str, ...] = ("free",)  # keys of PROMPTS; "markdown" samples use render_markdown
     min_chars: int = 40
@@ -96,6 +97,18 @@ def load_corpus(folder: str | None, split: str) -> tuple[dict, ...]:
     if not rows:
         raise ValueError(f"{path}: empty corpus split")
     return rows
+
+
+@lru_cache(maxsize=8)
+def recipe_docs(folder: str | None, split: str, langs: tuple[str, ...] = ()) -> tuple[dict, ...]:
+    """The corpus rows a recipe draws from: ``load_corpus`` filtered to ``langs`` (all if empty)."""
+    rows = load_corpus(folder, split)
+    if not langs:
+        return rows
+    kept = tuple(r for r in rows if r.get("lang") in langs)
+    if not kept:
+        raise ValueError(f"{folder}/{split}: no documents in languages {', '.join(langs)}")
+    return kept
 
 
 def sample_seed(seed: int, split: str, step: int, rank: int, index: int) -> int:
@@ -184,7 +197,7 @@ def make_batch(
     device="cpu",
 ) -> Batch:
     """The batch for one step: a pure function of its arguments."""
-    docs = load_corpus(recipe.corpus, split)
+    docs = recipe_docs(recipe.corpus, split, tuple(recipe.langs))
     samples = [
         make_sample(recipe, random.Random(sample_seed(seed, split, step, rank, i)), docs)
         for i in range(batch_size)
