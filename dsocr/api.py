@@ -9,6 +9,7 @@ The embedded default, dsocr-mini, lives in ``dsocr/assets/dsocr-mini/`` once tra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,24 @@ def resolve_model_source(source: str | Path | None) -> Path | str:
     raise FileNotFoundError(
         f"{source}: no such checkpoint folder, bundled model or variant ({', '.join(CONFIGS)})"
     )
+
+
+def model_defaults(source: str | Path | None = None) -> dict:
+    """The settings a checkpoint says it was trained for: ``meta.json``'s ``"defaults"`` (``mode``,
+    ``task``), read without loading weights. Empty for official checkpoints and variant names, whose
+    callers keep the official defaults (Base for one image, Gundam for documents)."""
+    try:
+        folder = resolve_model_source(source)
+    except FileNotFoundError:
+        return {}
+    meta = Path(folder) / "meta.json" if isinstance(folder, Path) else None
+    if meta is None or not meta.is_file():
+        return {}
+    try:
+        defaults = json.loads(meta.read_text()).get("defaults", {})
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return {k: v for k, v in defaults.items() if k in ("mode", "task") and isinstance(v, str)}
 
 
 @dataclass

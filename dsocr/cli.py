@@ -20,16 +20,18 @@ def _dtype(name: str | None):
 
 
 def cmd_ocr(args) -> int:
-    from dsocr.api import load_model
+    from dsocr.api import load_model, model_defaults
     from dsocr.language.tokenizer import PROMPTS
     from dsocr.pipeline.providers import InputError
 
+    defaults = model_defaults(args.model)
+    mode = args.mode or defaults.get("mode", "base")
     ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
-    prompt = args.prompt or PROMPTS[args.task]
+    prompt = args.prompt or PROMPTS[args.task or defaults.get("task", "free")]
     status = 0
     for path in args.images:
         try:
-            text = ocr.generate(path, prompt, mode=args.mode, max_new_tokens=args.max_new_tokens)
+            text = ocr.generate(path, prompt, mode=mode, max_new_tokens=args.max_new_tokens)
         except InputError as e:  # already "<path>: <reason>"
             print(f"dsocr: error: {e}", file=sys.stderr)
             status = 1
@@ -41,6 +43,7 @@ def cmd_ocr(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from dsocr.api import model_defaults
     from dsocr.pipeline.convert import convert
     from dsocr.pipeline.workspace import BatchSummary, OutputError
 
@@ -54,6 +57,7 @@ def cmd_convert(args) -> int:
                 file=sys.stderr,
             )
 
+    defaults = model_defaults(args.model)
     try:
         docs = convert(
             args.inputs,
@@ -62,10 +66,10 @@ def cmd_convert(args) -> int:
             device=args.device,
             dtype=_dtype(args.dtype),
             on_document=report,
-            task=args.task,
+            task=args.task or defaults.get("task", "markdown"),
             prompt=args.prompt,
             ref=args.ref,
-            mode=args.mode,
+            mode=args.mode or defaults.get("mode", "gundam"),
             batch_size=args.batch_size,
             pages=args.pages,
             dpi=args.dpi,
@@ -206,9 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="checkpoint folder, bundled model or variant (default: dsocr-mini)",
     )
-    o.add_argument("--mode", default="base", choices=list(MODES))
     o.add_argument(
-        "--task", default="free", choices=["free", "markdown", "ocr", "figure", "describe"]
+        "--mode",
+        default=None,
+        choices=list(MODES),
+        help="default: what the model was trained for (dsocr-mini: its meta.json), else base",
+    )
+    o.add_argument(
+        "--task",
+        default=None,
+        choices=["free", "markdown", "ocr", "figure", "describe"],
+        help="default: the model's own (meta.json), else free",
     )
     o.add_argument("--prompt", default=None, help="a raw prompt (overrides --task)")
     o.add_argument("--max-new-tokens", type=int, default=512)
@@ -226,12 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--out", required=True, help="output folder")
     v.add_argument(
         "--task",
-        default="markdown",
+        default=None,
         choices=["markdown", "ocr", "free", "figure", "describe", "locate"],
+        help="default: the model's own (meta.json), else markdown",
     )
     v.add_argument("--prompt", default=None, help="a raw prompt (overrides --task)")
     v.add_argument("--ref", default=None, help="what to locate (--task locate)")
-    v.add_argument("--mode", default="gundam", choices=list(MODES))
+    v.add_argument(
+        "--mode",
+        default=None,
+        choices=list(MODES),
+        help="default: what the model was trained for (meta.json), else gundam (official PDF mode)",
+    )
     v.add_argument(
         "--model",
         default=None,

@@ -66,6 +66,23 @@ def test_run_many_equals_run_one_by_one(tmp_path):
         ocr.run_many(images, mode=TEST_BASE, max_new_tokens=[1, 2])
 
 
+def test_checkpoint_defaults_fill_in_mode_and_task(tiny_model, tmp_path, capsys):
+    """A checkpoint's meta.json "defaults" pick the mode/task the caller left out; explicit wins."""
+    from dsocr.api import model_defaults
+
+    meta = {"defaults": {"mode": "tiny", "task": "free", "other": 1}}
+    folder = save_checkpoint(
+        tiny_model, tmp_path / "ckpt", tokenizer=Tokenizer(byte_tokenizer()), meta=meta
+    )
+    assert model_defaults(folder) == {"mode": "tiny", "task": "free"}
+    assert model_defaults("tiny") == {} and model_defaults(tmp_path / "nowhere") == {}
+    src = _page(tmp_path / "p.png")
+    (doc,) = dsocr.convert([src], str(folder), max_new_tokens=2, batch_size=1)
+    assert (doc.mode, doc.task) == ("tiny", "free")
+    (doc,) = dsocr.convert([src], str(folder), max_new_tokens=2, batch_size=1, mode=TEST_BASE)
+    assert doc.task == "free" and doc.mode != "tiny"
+
+
 def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
     import dsocr.api as api
 

@@ -1013,7 +1013,12 @@ def convert(
     ``out_dir/<stem>/`` and a rerun skips the finished ones. The output folder is checked before
     the model is loaded. Summarise with ``BatchSummary.from_documents(docs)``.
     """
-    opts = ConvertOptions(**options)
+    from dsocr.api import model_defaults
+
+    # A checkpoint's own defaults (meta.json: the mode and task it was trained for) fill in what
+    # the caller left out; official checkpoints keep the official ones (gundam, markdown).
+    source = getattr(ocr, "source", ocr)
+    opts = ConvertOptions(**(model_defaults(source) | options))
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     workspace = Workspace(out_dir) if out_dir is not None else None
