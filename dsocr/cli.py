@@ -44,8 +44,10 @@ def cmd_ocr(args) -> int:
 
 def cmd_convert(args) -> int:
     from dsocr.api import model_defaults
+    from dsocr.distributed import RayUnavailable
     from dsocr.pipeline.convert import convert
     from dsocr.pipeline.workspace import BatchSummary, OutputError
+    from dsocr.vllm_backend import BackendUnavailable
 
     def report(doc):
         if doc.status == "failed":
@@ -58,25 +60,49 @@ def cmd_convert(args) -> int:
             )
 
     defaults = model_defaults(args.model)
+    options = dict(
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        task=args.task or defaults.get("task", "markdown"),
+        prompt=args.prompt,
+        ref=args.ref,
+        mode=args.mode or defaults.get("mode", "gundam"),
+        batch_size=args.batch_size,
+        pages=args.pages,
+        dpi=args.dpi,
+        password=args.password,
+        max_new_tokens=args.max_new_tokens,
+        html_tables_to_markdown=args.tables_to_markdown,
+    )
     try:
-        docs = convert(
-            args.inputs,
-            ocr=args.model,
-            out_dir=args.out,
-            device=args.device,
-            dtype=_dtype(args.dtype),
-            on_document=report,
-            task=args.task or defaults.get("task", "markdown"),
-            prompt=args.prompt,
-            ref=args.ref,
-            mode=args.mode or defaults.get("mode", "gundam"),
-            batch_size=args.batch_size,
-            pages=args.pages,
-            dpi=args.dpi,
-            password=args.password,
-            max_new_tokens=args.max_new_tokens,
-            html_tables_to_markdown=args.tables_to_markdown,
-        )
+        if args.ray:
+            if args.backend != "dsocr":
+                raise BackendUnavailable("--ray runs the dsocr backend; drop --backend vllm")
+            from dsocr.distributed import convert_ray
+
+            docs = convert_ray(
+                args.inputs,
+                args.out,
+                model=args.model,
+                replicas=args.replicas,
+                num_gpus=args.gpus_per_replica,
+                address=args.ray_address,
+                **options,
+            )
+            for doc in docs:
+                report(doc)
+        else:
+            docs = convert(
+                args.inputs,
+                ocr=args.model,
+                out_dir=args.out,
+                backend=args.backend,
+                on_document=report,
+                **options,
+            )
+    except (BackendUnavailable, RayUnavailable) as e:
+        print(f"dsocr: error: {e}", file=sys.stderr)
+        return 2
     except OutputError as e:
         print(f"dsocr: error: {e}", file=sys.stderr)
         return 1
@@ -267,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="turn simple HTML tables into Markdown tables",
     )
+    v.add_argument(
+        "--backend",
+        default="dsocr",
+        choices=["dsocr", "vllm"],
+        help="dsocr (this engine, CPU or GPU) or vllm (official checkpoint, CUDA GPU, Gundam)",
+    )
+    v.add_argument(
+        "--ray", action="store_true", help="spread documents over a Ray cluster (dsocr[ray])"
+    )
+    v.add_argument("--replicas", type=int, default=2, help="model replicas (--ray)")
+    v.add_argument("--gpus-per-replica", type=float, default=0, help="(--ray)")
+    v.add_argument("--ray-address", default=None, help="cluster address (--ray; default: local)")
     v.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("eval", help="OCR accuracy and speed against peers (Tesseract, RapidOCR)")

@@ -5,7 +5,8 @@
 
 Writes config.json, model-*.safetensors shards of at most 15 MB (the repository's limit per file),
 tokenizer.json and meta.json (the training metadata, minus the optimizer state), replacing the
-folder atomically. Refuses a bundle over 60 MB. The default dtype is bfloat16, the official
+folder atomically, and meta.json's "defaults" (the mode and task the CLI picks for this model when
+not told). Refuses a bundle over 60 MB. The default dtype is bfloat16, the official
 checkpoint's storage type; CPU loads cast it back to float32.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dsocr.configs import get_mode
 from dsocr.language.tokenizer import Tokenizer
 from dsocr.weights import load_checkpoint, save_checkpoint
 
@@ -34,6 +36,15 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint", help="a training checkpoint folder (runs/<name>/best)")
     ap.add_argument("--out", default=str(ROOT / "dsocr" / "assets" / "dsocr-mini"))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument(
+        "--default-mode",
+        help="mode the CLI uses for this model (default: the largest mode it was trained on)",
+    )
+    ap.add_argument(
+        "--default-task",
+        help="task the CLI uses (default: free when it was only "
+        "trained on plain text, else markdown)",
+    )
     args = ap.parse_args(argv)
     src, out = Path(args.checkpoint), Path(args.out)
     model = load_checkpoint(src, device="cpu", dtype=torch.float32)
@@ -41,6 +52,14 @@ def main(argv=None) -> int:
     meta = json.loads((src / "meta.json").read_text()) if (src / "meta.json").is_file() else {}
     meta["bundled_from"] = str(src)
     meta["bundled_dtype"] = args.dtype
+    recipe = meta.get("data_recipe", {})
+    trained_modes = [m for m in recipe.get("modes", []) if isinstance(m, str)]
+    largest = max(trained_modes, key=lambda m: get_mode(m).base_size, default="base")
+    only_free = set(recipe.get("prompts", ["free"])) == {"free"}
+    meta["defaults"] = {
+        "mode": args.default_mode or largest,
+        "task": args.default_task or ("free" if only_free else "markdown"),
+    }
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(

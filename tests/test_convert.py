@@ -340,8 +340,15 @@ def test_stale_staging_of_dead_process_is_removed(tmp_path):
     stale = tmp_path / "out/.dsocr/tmp/999999999.abcd.doc"
     stale.mkdir(parents=True)
     (stale / "doc.md").write_text("half")
+    from dsocr.pipeline.workspace import HOST_TAG
+
+    ours = tmp_path / f"out/.dsocr/tmp/999999999.{HOST_TAG}.abcd.doc2"
+    theirs = tmp_path / "out/.dsocr/tmp/999999999.h00000000.abcd.doc3"  # another host's writer
+    ours.mkdir()
+    theirs.mkdir()
     Workspace(tmp_path / "out")
-    assert not stale.exists()
+    assert not stale.exists() and not ours.exists()
+    assert theirs.exists()  # its pid means nothing on this machine: left alone
 
 
 # --- bad inputs ------------------------------------------------------------------------------

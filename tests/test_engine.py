@@ -74,8 +74,7 @@ class ScriptModel(torch.nn.Module):
     def dtype(self):
         return self.anchor.dtype
 
-    def forward(self, input_ids, positions=None, kv_cache=None, image_embeds=None,
-                logits_at=None):
+    def forward(self, input_ids, positions=None, kv_cache=None, image_embeds=None, logits_at=None):
         B, T = input_ids.shape
         assert kv_cache is not None and logits_at is not None
         k, _ = kv_cache[0]
@@ -90,9 +89,11 @@ class ScriptModel(torch.nn.Module):
 
 def script_rule(prompt_len, script, eos=1):
     """Emit ``script`` after a prompt of ``prompt_len`` ids, then EOS."""
+
     def rule(history):
         n = len(history) - prompt_len
         return script[n] if n < len(script) else eos
+
     return rule
 
 
@@ -103,12 +104,12 @@ def _official_ngram(input_ids, ngram_size, window_size, whitelist):
     """The official processor, transcribed literally (process/ngram_norepeat.py)."""
     if len(input_ids) < ngram_size:
         return set()
-    current_prefix = tuple(input_ids[-(ngram_size - 1):])
+    current_prefix = tuple(input_ids[-(ngram_size - 1) :])
     search_start = max(0, len(input_ids) - window_size)
     search_end = len(input_ids) - ngram_size + 1
     banned = set()
     for i in range(search_start, search_end):
-        ngram = tuple(input_ids[i:i + ngram_size])
+        ngram = tuple(input_ids[i : i + ngram_size])
         if ngram[:-1] == current_prefix:
             banned.add(ngram[-1])
     return banned - set(whitelist)
@@ -206,8 +207,7 @@ def test_top_p_filter_keeps_the_nucleus():
 
 
 def test_engine_sampling_reproducible_alone_and_batched(tiny_model):
-    p = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123,
-                         ignore_eos=True)
+    p = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
     prompts = [[0] + _ids(6, 1), [0] + _ids(9, 2), [0] + _ids(4, 3)]
     engine = Engine(tiny_model, max_batch_size=3)
     batched = engine.generate([Request(x, p) for x in prompts])
@@ -233,8 +233,9 @@ def test_loop_detector_periods():
 def test_engine_flags_forced_loop(tiny_cfg):
     rule = script_rule(2, [60, 61] + [40, 41, 42] * 100)
     model = ScriptModel(tiny_cfg, rule)
-    params = GenerationParams(max_new_tokens=200, loop_max_period=8, loop_min_repeats=4,
-                              loop_min_tokens=12)
+    params = GenerationParams(
+        max_new_tokens=200, loop_max_period=8, loop_min_repeats=4, loop_min_tokens=12
+    )
     (res,) = Engine(model).generate([Request([0, 70], params)])
     assert res.finish_reason == "loop" and res.loop_period == 3
     assert res.token_ids == [60, 61] + [40, 41, 42] * 4
@@ -249,13 +250,15 @@ def test_finish_reasons_eos_length_stop(tiny_cfg, tok):
     model = ScriptModel(tiny_cfg, script_rule(2, _byte_ids("abc STOP def")))
     engine = Engine(model, tok)
     p = GenerationParams(max_new_tokens=50)
-    eos, length, stop_id, stop_str, with_stop = engine.generate([
-        Request([0, 70], p),
-        Request([0, 70], replace(p, max_new_tokens=4)),
-        Request([0, 70], replace(p, stop_token_ids=(BYTE0 + ord("S"),))),
-        Request([0, 70], replace(p, stop=("STOP", "zzz"))),
-        Request([0, 70], replace(p, stop=("STOP",), include_stop_str=True)),
-    ])
+    eos, length, stop_id, stop_str, with_stop = engine.generate(
+        [
+            Request([0, 70], p),
+            Request([0, 70], replace(p, max_new_tokens=4)),
+            Request([0, 70], replace(p, stop_token_ids=(BYTE0 + ord("S"),))),
+            Request([0, 70], replace(p, stop=("STOP", "zzz"))),
+            Request([0, 70], replace(p, stop=("STOP",), include_stop_str=True)),
+        ]
+    )
     assert eos.finish_reason == "eos" and eos.token_ids[-1] == tok.eos_id
     assert eos.text == "abc STOP def" and eos.num_generated_tokens == 13
     assert length.finish_reason == "length" and length.text == "abc " and len(length.token_ids) == 4
@@ -270,8 +273,9 @@ def test_finish_reasons_eos_length_stop(tiny_cfg, tok):
 
 
 def test_results_carry_counts_and_timings(tiny_model):
-    (r,) = Engine(tiny_model).generate([Request([0] + _ids(7, 0),
-                                                GenerationParams(max_new_tokens=5))])
+    (r,) = Engine(tiny_model).generate(
+        [Request([0] + _ids(7, 0), GenerationParams(max_new_tokens=5))]
+    )
     assert r.num_prompt_tokens == 8 and r.num_generated_tokens == len(r.token_ids) <= 5
     assert 0 <= r.queue_s <= r.ttft_s <= r.total_s and r.prefill_s > 0 and r.decode_s >= 0
     assert r.request_id == 0 and r.text is None  # no tokenizer: ids only
@@ -288,7 +292,7 @@ def test_streaming_multibyte_deltas(tiny_cfg, tok):
     assert res.text == text and "".join(e.text for e in deltas) == text
     assert all("\ufffd" not in e.text for e in deltas)
     # the 4 bytes of the emoji arrive as 4 events; only the last one carries text
-    emoji_events = [e.text for e in deltas[len("aé中".encode()):len("aé中🙂".encode())]]
+    emoji_events = [e.text for e in deltas[len("aé中".encode()) : len("aé中🙂".encode())]]
     assert emoji_events == ["", "", "", "🙂"]
     assert deltas[-1].result is res and res.finish_reason == "eos"
 
@@ -296,11 +300,13 @@ def test_streaming_multibyte_deltas(tiny_cfg, tok):
 def test_streaming_concatenation_equals_text_random_bytes(tiny_model, tok):
     # The random tiny model emits arbitrary byte ids, including invalid UTF-8 sequences.
     engine = Engine(tiny_model, tok, max_batch_size=2)
-    reqs = [Request([0] + _ids(5 + i, 10 + i), GenerationParams(max_new_tokens=20))
-            for i in range(3)]
+    reqs = [
+        Request([0] + _ids(5 + i, 10 + i), GenerationParams(max_new_tokens=20)) for i in range(3)
+    ]
     pieces: dict = {}
-    results = engine.generate(reqs, on_event=lambda e: pieces.setdefault(e.request_id, [])
-                              .append(e.text))
+    results = engine.generate(
+        reqs, on_event=lambda e: pieces.setdefault(e.request_id, []).append(e.text)
+    )
     for r in results:
         ids = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
         assert "".join(pieces[r.request_id]) == r.text == tok.decode(ids)
@@ -350,8 +356,10 @@ def test_continuous_batching_matches_alone(tiny_model, tiny_cfg):
     prompts += [[0] + _ids(2, 40), [0] + _ids(17, 41), [0] + _ids(8, 42)]
     embeds += [None, None, None]
     max_new = [3, 12, 5, 9, 1, 7, 4]
-    reqs = [Request(x, GenerationParams(max_new_tokens=m, ignore_eos=True), image_embeds=e)
-            for x, e, m in zip(prompts, embeds, max_new)]
+    reqs = [
+        Request(x, GenerationParams(max_new_tokens=m, ignore_eos=True), image_embeds=e)
+        for x, e, m in zip(prompts, embeds, max_new)
+    ]
     engine = Engine(tiny_model, max_batch_size=3)
     results = engine.generate(reqs)
     assert engine.stats.max_active == 3 and not engine.has_unfinished()
@@ -369,9 +377,13 @@ def test_continuous_batching_slots_with_mock(tiny_cfg):
         return 20 + (sum(history) * 7 + len(history)) % 200
 
     model = ScriptModel(tiny_cfg, rule)
-    reqs = [Request([0] + _ids(3 + 2 * i, i), GenerationParams(max_new_tokens=2 + (5 * i) % 9,
-                                                               detect_loops=False))
-            for i in range(9)]
+    reqs = [
+        Request(
+            [0] + _ids(3 + 2 * i, i),
+            GenerationParams(max_new_tokens=2 + (5 * i) % 9, detect_loops=False),
+        )
+        for i in range(9)
+    ]
     together = Engine(model, max_batch_size=4, max_prefill_tokens=16).generate(reqs)
     for req, res in zip(reqs, together):
         assert res.token_ids == Engine(model).generate([req])[0].token_ids
@@ -387,8 +399,10 @@ def test_images_are_encoded_once_at_admission(tiny_model, tiny_cfg):
 
     tiny_model.encode_images = fake_encode
     p = GenerationParams(max_new_tokens=4, ignore_eos=True)
-    with_images = [Request(x, p, images=[i] if e is not None else None)
-                   for i, (x, e) in enumerate(zip(prompts, embeds))]
+    with_images = [
+        Request(x, p, images=[i] if e is not None else None)
+        for i, (x, e) in enumerate(zip(prompts, embeds))
+    ]
     with_embeds = [Request(x, p, image_embeds=e) for x, e in zip(prompts, embeds)]
     a = Engine(tiny_model, max_batch_size=4).generate(with_images)
     b = Engine(tiny_model, max_batch_size=4).generate(with_embeds)
@@ -426,8 +440,12 @@ def test_compiled_decode_step_matches_eager(tiny_model):
     prompts = [[0] + _ids(6, 1), [0] + _ids(9, 2)]
     p = GenerationParams(max_new_tokens=6, ignore_eos=True)
     eager = Engine(tiny_model, max_batch_size=2).generate([Request(x, p) for x in prompts])
-    compiled = Engine(tiny_model, max_batch_size=2, compile_decode=True,
-                      compile_options={"backend": "eager", "dynamic": True})
+    compiled = Engine(
+        tiny_model,
+        max_batch_size=2,
+        compile_decode=True,
+        compile_options={"backend": "eager", "dynamic": True},
+    )
     got = compiled.generate([Request(x, p) for x in prompts])
     assert [r.token_ids for r in got] == [r.token_ids for r in eager]
 

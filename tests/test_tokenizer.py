@@ -137,7 +137,14 @@ def test_special_strings_encode_to_single_ids(byte_tok, trained_tok):
         text = "<|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n<tr><td>x</td></tr>"
         ids = tok.encode(text)
         for token in (
-            "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<tr>", "<td>", "</td>", "</tr>"
+            "<|ref|>",
+            "<|/ref|>",
+            "<|det|>",
+            "<|/det|>",
+            "<tr>",
+            "<td>",
+            "</td>",
+            "</tr>",
         ):
             assert ids.count(tok.special_ids[token]) == 1
         assert tok.decode(ids) == text
@@ -223,7 +230,10 @@ def test_train_tokenizer_deterministic_across_processes(trained_tok):
         "print(Tokenizer(train_tokenizer(corpus, vocab_size=400)).sha256)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], input=json.dumps(CORPUS), capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        input=json.dumps(CORPUS),
+        capture_output=True,
+        text=True,
         check=True,
     )
     assert out.stdout.strip() == trained_tok.sha256

@@ -18,7 +18,16 @@ from dsocr.engine.sampling import (
 )
 
 __all__ = [
-    "Engine", "EngineStats", "GenerationParams", "KVCache", "OFFICIAL_NGRAM_SETTINGS",
-    "OFFICIAL_NGRAM_WHITELIST", "Request", "Result", "StreamEvent", "default_dtype",
-    "generate_greedy", "ngram_whitelist_for",
+    "Engine",
+    "EngineStats",
+    "GenerationParams",
+    "KVCache",
+    "OFFICIAL_NGRAM_SETTINGS",
+    "OFFICIAL_NGRAM_WHITELIST",
+    "Request",
+    "Result",
+    "StreamEvent",
+    "default_dtype",
+    "generate_greedy",
+    "ngram_whitelist_for",
 ]

@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, NamedTuple, get_type_hints
 
 from dsocr.configs import Mode, get_mode
 from dsocr.engine.generate import Engine, GenerationParams, Request, Result
@@ -554,7 +554,10 @@ class Generate:
 
     def _submit(self, job: PageJob, in_flight: dict) -> DocFailed | None:
         request_id = (job.doc.stem, job.page.index)
-        request = Request(job.prompt_ids, self.params, images=[job.inputs], request_id=request_id)
+        # vLLM preprocesses the page itself: it gets the page image, dsocr's engine our tensors.
+        raw = getattr(self.engine, "wants_raw_images", False)
+        images = [job.page.image if raw else job.inputs]
+        request = Request(job.prompt_ids, self.params, images=images, request_id=request_id)
         try:
             self.engine.add_request(request)
         except Exception as e:  # noqa: BLE001 - e.g. a prompt longer than the model's context
@@ -755,6 +758,39 @@ def _error_line(doc: Document, e: BaseException) -> str:
     )
 
 
+class PlannedInput(NamedTuple):
+    """One input file with its output stem, or the error that stopped it being expanded."""
+
+    path: Path
+    stem: str
+    error: InputError | None = None
+
+
+def plan_inputs(inputs: Iterable[str | os.PathLike]) -> list[PlannedInput]:
+    """Files, folders and globs -> one :class:`PlannedInput` per file, with unique safe stems.
+
+    Loads no model, so a driver can plan a batch and hand shares of it to workers that write to
+    the same output folder without their stems colliding.
+    """
+    entries: list[tuple[Path, InputError | None]] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        try:
+            found = discover_inputs([item])
+            if not found:
+                raise InputError(item, "no PDF or image files found")
+        except InputError as e:
+            entries.append((Path(item), e))
+            continue
+        for path in found:
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                entries.append((path, None))
+    stems = unique_stems([p for p, _ in entries])
+    return [PlannedInput(p, stem, err) for (p, err), stem in zip(entries, stems)]
+
+
 class Converter:
     """Holds the model, the options and the stage tuple; ``convert(paths)`` runs a batch.
 
@@ -808,31 +844,21 @@ class Converter:
         self.last_summary: BatchSummary | None = None
 
     # ---------------------------------------------------------------- inputs
-    def documents(self, inputs: Iterable[str | os.PathLike]) -> list[Document]:
+    def documents(self, inputs: Iterable[str | os.PathLike | PlannedInput]) -> list[Document]:
         """Expand files, folders and globs into documents with unique safe stems.
 
         An input that cannot be expanded (missing path, glob without match, folder without
-        supported files) becomes a failed document, so the batch carries on.
+        supported files) becomes a failed document, so the batch carries on. Inputs that are
+        already :class:`PlannedInput` (from :func:`plan_inputs`, e.g. one share of a distributed
+        run) keep their stems.
         """
-        entries: list[tuple[Path, InputError | None]] = []
-        seen: set[Path] = set()
-        for item in inputs:
-            try:
-                found = discover_inputs([item])
-                if not found:
-                    raise InputError(item, "no PDF or image files found")
-            except InputError as e:
-                entries.append((Path(item), e))
-                continue
-            for path in found:
-                key = path.resolve()
-                if key not in seen:
-                    seen.add(key)
-                    entries.append((path, None))
-        stems = unique_stems([p for p, _ in entries])
+        inputs = list(inputs)
+        planned = (
+            inputs if all(isinstance(x, PlannedInput) for x in inputs) else plan_inputs(inputs)
+        )
         o = self.options
         docs = []
-        for (path, err), stem in zip(entries, stems):
+        for path, stem, err in planned:
             doc = Document(
                 source=path,
                 stem=stem,
@@ -1001,6 +1027,7 @@ def convert(
     *,
     device: str | None = None,
     dtype=None,
+    backend: str = "dsocr",
     on_document: Callable[[Document], None] | None = None,
     on_page: Callable[[Document, PageResult], None] | None = None,
     **options,
@@ -1011,7 +1038,8 @@ def convert(
     a bundled model, a variant name; None: the default model). ``options`` are
     :class:`ConvertOptions` fields. With ``out_dir`` every document is written to
     ``out_dir/<stem>/`` and a rerun skips the finished ones. The output folder is checked before
-    the model is loaded. Summarise with ``BatchSummary.from_documents(docs)``.
+    the model is loaded. Summarise with ``BatchSummary.from_documents(docs)``. ``backend="vllm"``
+    decodes with vLLM (official checkpoint, CUDA GPU, Gundam mode; see ``dsocr.vllm_backend``).
     """
     from dsocr.api import model_defaults
 
@@ -1022,7 +1050,18 @@ def convert(
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     workspace = Workspace(out_dir) if out_dir is not None else None
-    converter = Converter(_load(ocr, device, dtype), opts, workspace)
+    if backend == "vllm":
+        from dsocr.api import resolve_model_source
+        from dsocr.vllm_backend import VllmEngine, VllmOCR, check_vllm
+
+        check_vllm()
+        vocr = VllmOCR(resolve_model_source(source))
+        engine = VllmEngine(vocr, opts.resolved_prompt(), opts.mode, max_batch_size=opts.batch_size)
+        converter = Converter(vocr, opts, workspace, engine=engine)
+    elif backend == "dsocr":
+        converter = Converter(_load(ocr, device, dtype), opts, workspace)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; known: dsocr, vllm")
     return converter.convert(inputs, on_document=on_document, on_page=on_page)
 
 

@@ -4,7 +4,7 @@ After olmocr's workspace (done flags, a rerun skips finished work) without its q
 
     OUT/<stem>/...                    a complete document folder (``output.py``)
     OUT/.dsocr/done/<stem>.json       its done marker: key, source, sha256, pages, flags
-    OUT/.dsocr/tmp/<pid>.<r>.<stem>/  staging folder while a document is being written
+    OUT/.dsocr/tmp/<pid>.<host>.<r>.<stem>/  staging folder while a document is being written
     OUT/.dsocr/summary.json           the last run's summary (``BatchSummary``)
 
 Contract:
@@ -22,7 +22,8 @@ Contract:
   cannot collide with a document.
 - Anything that cannot be written raises :class:`OutputError`, one line naming the folder.
 
-One process per workspace at a time (no locking); two runs on different ``OUT`` are independent.
+Several processes may share a workspace only when they write different stems (the distributed
+runner hands each replica its own documents); there is no locking.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from dsocr.pipeline.convert import Document
 
 META_DIR = ".dsocr"
+# This machine in staging-folder names: "h" + 8 hex digits of its host name's hash.
+HOST_TAG = "h" + sha256_text(socket.gethostname())[:8]
 MARKER_VERSION = 1
 
 
@@ -150,8 +154,8 @@ class Workspace:
         if final.is_symlink() or (final.exists() and not final.is_dir()):
             raise OutputError(final, "exists and is not a folder; not replaced")
         marker = self.marker_path(doc.stem)
-        tag = f"{os.getpid()}.{secrets.token_hex(4)}"
-        staging = self.tmp_dir / f"{tag}.{doc.stem}"  # the pid first: clean_stale reads it
+        tag = f"{os.getpid()}.{HOST_TAG}.{secrets.token_hex(4)}"
+        staging = self.tmp_dir / f"{tag}.{doc.stem}"  # pid and host first: clean_stale reads them
         old = self.tmp_dir / f"{tag}.old.{doc.stem}"
         try:
             try:
@@ -195,9 +199,14 @@ class Workspace:
         return path
 
     def clean_stale(self) -> None:
-        """Remove staging folders left by processes that no longer run (crash, kill -9)."""
+        """Remove staging folders left by processes of this host that no longer run (crash,
+        kill -9). Another host's staging (a shared folder in a distributed run) is left alone:
+        its pid means nothing here."""
         for entry in self.tmp_dir.iterdir():
-            head = entry.name.split(".", 1)[0]
+            head, _, rest = entry.name.partition(".")
+            host = rest.split(".", 1)[0]
+            if host.startswith("h") and host != HOST_TAG:
+                continue
             pid = int(head) if head.isdigit() else None
             if pid is None or not _pid_alive(pid):
                 if entry.is_dir() and not entry.is_symlink():
