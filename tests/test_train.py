@@ -115,6 +115,48 @@ def test_recipe_language_filter(tmp_path):
     assert all(t.startswith("text b") for t in batch.targets)
 
 
+def test_scrambled_pages_keep_the_words_and_lose_the_order():
+    import random
+
+    from dsocr.train.data import make_sample, recipe_docs
+
+    docs = recipe_docs(None, "train")
+    kw = dict(min_chars=200, max_chars=200, font_sizes=(12,), page_size=512)
+    plain = make_sample(_recipe(**kw), random.Random(5), docs)
+    mixed = make_sample(_recipe(**kw, scramble_prob=1.0), random.Random(5), docs)
+    assert sorted(plain.target.split()) == sorted(mixed.target.split())
+    assert plain.target.split() != mixed.target.split()
+
+
+def test_vision_learning_rate_scale(tmp_path):
+    from dsocr.train.loop import vision_parameters
+
+    cfg = TrainConfig(
+        model="tiny",
+        out=str(tmp_path / "run"),
+        steps=1,
+        batch_size=1,
+        warmup=1,
+        vision_lr_scale=0.25,
+        save_every=1,
+        eval_every=1,
+        eval_batches=1,
+        data=_recipe(),
+    )
+    train(cfg, log=lambda *_: None)
+    state = torch.load(tmp_path / "run/latest/trainer.pt", weights_only=True)["optimizer"]
+    scales = sorted({g["lr_scale"] for g in state["param_groups"]})
+    assert scales == [0.25, 1.0]
+    lrs = {g["lr_scale"]: g["lr"] for g in state["param_groups"]}
+    assert lrs[0.25] == pytest.approx(0.25 * lrs[1.0])
+    from dsocr.configs import CONFIGS as C
+    from dsocr.model import build_model
+
+    n_vision = len(vision_parameters(build_model(C["tiny"])))
+    n_groups = sum(len(g["params"]) for g in state["param_groups"] if g["lr_scale"] == 0.25)
+    assert n_groups == n_vision - 1  # all but CLIP's unused patch conv (frozen)
+
+
 def test_built_corpus_splits_are_disjoint():
     folder = Path(__file__).parents[1] / "data" / "corpus"
     if not (folder / "train.jsonl").is_file():

@@ -59,6 +59,10 @@ class DataRecipe:
     font_sizes: tuple[int, ...] = (9, 10, 11, 12, 13, 14, 16, 18)
     fonts: tuple[str, ...] = ("sans", "serif", "mono")
     scan_prob: float = 0.25  # share of pages degraded like a scan
+    # Share of pages whose words are shuffled (within the passage). A language prior cannot
+    # predict them, so only reading lowers their loss: from scratch, this is what makes the
+    # decoder look at the image before the encoder collapses into a constant soft prompt.
+    scramble_prob: float = 0.0
     max_target_tokens: int = 1024
     page_size: int | None = None  # square page side in px; None: the mode's base size
 
@@ -138,6 +142,10 @@ def make_sample(recipe: DataRecipe, rng: random.Random, docs) -> Sample:
         text = "".join(ch for ch in text if not missing_chars(ch))  # drop glyphs we cannot draw
         if text.strip():
             break
+    if recipe.scramble_prob and rng.random() < recipe.scramble_prob:
+        words = text.split()
+        rng.shuffle(words)
+        text = " ".join(words)
     style = PageStyle(
         font=rng.choice(recipe.fonts),
         font_size=rng.choice(recipe.font_sizes),

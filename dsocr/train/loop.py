@@ -57,6 +57,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     freeze: tuple[str, ...] = ()  # any of "sam" (SAM + neck + net_2/net_3), "clip", "decoder"
+    # Learning-rate multiplier of SAM, CLIP and the projector. From scratch at a high rate, the
+    # encoder collapses to an image-independent output before the decoder learns to read (the
+    # image tokens are noise to a decoder that cannot read yet, so the gradient removes them).
+    vision_lr_scale: float = 1.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
@@ -109,6 +113,12 @@ def freeze_parts(model: DeepseekOCRForCausalLM, parts) -> None:
             raise ValueError(f"unknown part to freeze {part!r}; known: {sorted(groups)}")
         for module in groups[part]:
             module.requires_grad_(False)
+
+
+def vision_parameters(model: DeepseekOCRForCausalLM) -> list[torch.nn.Parameter]:
+    """SAM (with the neck and the 16x compressor), CLIP and the projector."""
+    m = model.model
+    return [p for mod in (m.sam_model, m.vision_model, m.projector) for p in mod.parameters()]
 
 
 def git_commit() -> str | None:
@@ -216,13 +226,21 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model.model.vision_model.embeddings.patch_embedding.requires_grad_(False)  # unused (spec)
     freeze_parts(model, cfg.freeze)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    vision = {id(p) for p in vision_parameters(model)}
+    groups = []
+    for is_vision in (False, True):
+        for decays in (True, False):
+            ps = [p for p in params if (id(p) in vision) == is_vision and (p.ndim >= 2) == decays]
+            if ps:
+                groups.append(
+                    {
+                        "params": ps,
+                        "weight_decay": cfg.weight_decay if decays else 0.0,
+                        "lr_scale": cfg.vision_lr_scale if is_vision else 1.0,
+                    }
+                )
     opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+        groups,
         lr=cfg.lr,
         betas=cfg.betas,
         fused=device.startswith("cuda") or None,
@@ -256,7 +274,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     stream = batch_stream(batches, workers=cfg.workers)
     while step < cfg.steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
         batch = batch_to(next(stream), device)
         with autocast if autocast is not None else _null():
             loss = step_fn(batch)
