@@ -157,6 +157,17 @@ def test_vision_learning_rate_scale(tmp_path):
     assert n_groups == n_vision - 1  # all but CLIP's unused patch conv (frozen)
 
 
+def test_rotate_images_keeps_token_counts():
+    from types import SimpleNamespace as NS
+
+    from dsocr.train.loop import rotate_images
+
+    ims = [NS(num_tokens=n, k=i) for i, n in enumerate([73, 111, 73, 73, 5])]
+    out = rotate_images(ims)
+    assert [o.num_tokens for o in out] == [73, 111, 73, 73, 5]
+    assert [o.k for o in out] == [2, 1, 3, 0, 4]
+
+
 def test_built_corpus_splits_are_disjoint():
     folder = Path(__file__).parents[1] / "data" / "corpus"
     if not (folder / "train.jsonl").is_file():

@@ -302,10 +302,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
         out_of_time = cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-            ev = evaluate(model, tok, cfg, device, autocast)
+            ev, ev_shuffled = evaluate(model, tok, cfg, device, autocast)
             if rank == 0:
-                _append_jsonl(log_path, {"step": step, "eval_loss": round(ev, 5)})
-                log(f"step {step}: eval loss {ev:.4f}")
+                rec = {"step": step, "eval_loss": round(ev, 5)}
+                rec["eval_loss_shuffled_images"] = round(ev_shuffled, 5)
+                _append_jsonl(log_path, rec)
+                log(
+                    f"step {step}: eval loss {ev:.4f} ({ev_shuffled:.4f} with the batch's images "
+                    "rotated: the gap is what reading is worth)"
+                )
                 if best is None or ev < best:
                     best = ev
                     save_training_state(out / "best", model, tok, opt, step, cfg, {"eval_loss": ev})
@@ -322,12 +327,30 @@ def train(cfg: TrainConfig, log=print) -> Path:
     return latest
 
 
+def rotate_images(images: list) -> list:
+    """Each image replaced by the next one with the same token count (so prompts still fit);
+    an image alone in its token count stays."""
+    out = list(images)
+    groups: dict[int, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.num_tokens, []).append(i)
+    for idx in groups.values():
+        for a, b in zip(idx, idx[1:] + idx[:1]):
+            out[a] = images[b]
+    return out
+
+
 @torch.no_grad()
-def evaluate(model, tok, cfg: TrainConfig, device, autocast) -> float:
-    """Mean loss on a fixed set of held-out batches (the same batches at every evaluation)."""
+def evaluate(model, tok, cfg: TrainConfig, device, autocast) -> tuple[float, float]:
+    """Mean loss on a fixed set of held-out batches (the same batches at every evaluation), and
+    the same with each sample given another sample's image (:func:`rotate_images`).
+
+    Equal losses mean the decoder ignores the image: the encoder has collapsed or the decoder has
+    not learned to read yet.
+    """
     was_training = model.training
     model.eval()
-    losses = []
+    losses, rotated = [], []
     for i in range(cfg.eval_batches):
         batch = make_batch(
             cfg.data,
@@ -342,8 +365,10 @@ def evaluate(model, tok, cfg: TrainConfig, device, autocast) -> float:
         )
         with autocast if autocast is not None else _null():
             losses.append(float(loss_on(model, batch)))
+            batch.images = rotate_images(batch.images)
+            rotated.append(float(loss_on(model, batch)))
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses), sum(rotated) / len(rotated)
 
 
 class _null:
