@@ -1,5 +1,6 @@
 """Training: loss falls and greedy decoding reproduces a toy set; resume == uninterrupted; DDP."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -155,6 +156,10 @@ def test_vision_learning_rate_scale(tmp_path):
     n_vision = len(vision_parameters(build_model(C["tiny"])))
     n_groups = sum(len(g["params"]) for g in state["param_groups"] if g["lr_scale"] == 0.25)
     assert n_groups == n_vision - 1  # all but CLIP's unused patch conv (frozen)
+    # Resuming with another scale (a new phase) uses the new scale, not the saved one.
+    train(dataclasses.replace(cfg, steps=2, vision_lr_scale=0.5), log=lambda *_: None)
+    state = torch.load(tmp_path / "run/latest/trainer.pt", weights_only=True)["optimizer"]
+    assert sorted({g["lr_scale"] for g in state["param_groups"]}) == [0.5, 1.0]
 
 
 def test_rotate_images_keeps_token_counts():

@@ -248,7 +248,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
     step = 0
     if resume:
         state = torch.load(latest / "trainer.pt", map_location=device, weights_only=True)
-        opt.load_state_dict(state["optimizer"])
+        scales = [g["lr_scale"] for g in opt.param_groups]
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError:  # another set of trainable parameters (--freeze changed between phases)
+            if rank == 0:
+                log("optimizer state does not fit the trainable parameters; fresh AdamW moments")
+        for g, scale in zip(opt.param_groups, scales):  # this run's --vision-lr-scale wins
+            g["lr_scale"] = scale
         step = state["step"]
         if rank == 0:
             log(f"resumed from {latest} at step {step}")
