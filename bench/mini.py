@@ -197,6 +197,8 @@ def render(res: dict) -> str:
         f"- Date: {res['date']}",
         f"- Model: `{res['model']}` (config `{res['config']}`, {res['params'] / 1e6:.1f}M "
         f"parameters, trained {res['train_step']} steps)",
+        "- How this model was trained, phase by phase, and why: "
+        "[docs/training.md](../training.md).",
         "- Precision: Fox word-set precision; CER: whitespace-normalised character error rate "
         "(lower is better); ratio: DeepSeek-V3 text tokens per grid vision token (64 Tiny, "
         "100 Small, 256 Base), as the paper's Table 2.",

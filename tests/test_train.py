@@ -173,6 +173,28 @@ def test_rotate_images_keeps_token_counts():
     assert [o.k for o in out] == [2, 1, 3, 0, 4]
 
 
+def test_stop_at_ends_a_phase_and_the_next_phase_resumes(tmp_path):
+    cfg = TrainConfig(
+        model="tiny",
+        out=str(tmp_path / "run"),
+        steps=6,
+        batch_size=1,
+        warmup=1,
+        stop_at=2,
+        save_every=100,
+        eval_every=100,
+        eval_batches=1,
+        data=_recipe(),
+    )
+    train(cfg, log=lambda *_: None)
+    meta = json.loads((tmp_path / "run/latest/meta.json").read_text())
+    assert meta["step"] == 2
+    train(cfg, log=lambda *_: None)  # already at its stop: nothing more
+    assert json.loads((tmp_path / "run/latest/meta.json").read_text())["step"] == 2
+    train(dataclasses.replace(cfg, stop_at=3), log=lambda *_: None)
+    assert json.loads((tmp_path / "run/latest/meta.json").read_text())["step"] == 3
+
+
 def test_built_corpus_splits_are_disjoint():
     folder = Path(__file__).parents[1] / "data" / "corpus"
     if not (folder / "train.jsonl").is_file():

@@ -67,6 +67,8 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 200
     max_minutes: float | None = None  # stop with a checkpoint after this much wall time
+    stop_at: int | None = None  # stop with a checkpoint at this step (a phase's end; the lr
+    # schedule still runs over ``steps``)
     device: str | None = None
     workers: int = 0  # data-loader processes building batches ahead of the model (0: inline)
     data: DataRecipe = field(default_factory=DataRecipe)
@@ -279,7 +281,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         seed=cfg.seed,
     )
     stream = batch_stream(batches, workers=cfg.workers)
-    while step < cfg.steps:
+    while step < cfg.steps and (cfg.stop_at is None or step < cfg.stop_at):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
         batch = batch_to(next(stream), device)
@@ -308,6 +310,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             t_last, samples_since = time.time(), 0
 
         out_of_time = cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes
+        out_of_time = out_of_time or (cfg.stop_at is not None and step >= cfg.stop_at)
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             ev, ev_shuffled = evaluate(model, tok, cfg, device, autocast)
             if rank == 0:
@@ -327,7 +330,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             torch.distributed.barrier()
         if out_of_time:
             if rank == 0:
-                log(f"stopping at step {step} after {cfg.max_minutes} min; rerun to resume")
+                log(f"stopping at step {step} (--stop-at / --max-minutes); rerun to resume")
             break
     if world > 1:
         torch.distributed.destroy_process_group()
