@@ -111,6 +111,7 @@ def summarise(rows: list[dict], mode: str) -> dict:
         "v3_tokens": mean(r["v3_tokens"] for r in rows),
         "ratio": mean(r["v3_tokens"] for r in rows) / GRID_TOKENS[mode] if rows else None,
         "precision": mean(r["precision"] for r in rows),
+        "recall": mean(r["recall"] for r in rows),
         "cer": mean(r["cer"] for r in rows),
         "eos": sum(r["finish"] == "eos" for r in rows),
     }
@@ -199,7 +200,10 @@ def render(res: dict) -> str:
         f"parameters, trained {res['train_step']} steps)",
         "- How this model was trained, phase by phase, and why: "
         "[docs/training.md](../training.md).",
-        "- Precision: Fox word-set precision; CER: whitespace-normalised character error rate "
+        "- Read precision beside recall: Fox precision is a word-*set* precision, so a short "
+        'output of common words ("the a the") scores high while recalling almost nothing; '
+        "CER and recall say how much of the page came back.",
+        "- Precision: Fox word-set precision; recall: the same sets the other way; CER: whitespace-normalised character error rate "
         "(lower is better); ratio: DeepSeek-V3 text tokens per grid vision token (64 Tiny, "
         "100 Small, 256 Base), as the paper's Table 2.",
         "",
@@ -207,8 +211,8 @@ def render(res: dict) -> str:
         "",
         f"Recipe: {res['heldout']['recipe']}. Decoded {res['heldout_pages']} pages per mode.",
         "",
-        "| mode | V3 tokens | pages | ratio | precision | CER | ended by EOS |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| mode | V3 tokens | pages | ratio | precision | recall | CER | ended by EOS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in res["modes"]:
         h = res["heldout"][mode]
@@ -216,15 +220,16 @@ def render(res: dict) -> str:
             span = "all" if b["lo"] == "all" else f"{b['lo']}-{b['hi'] if b['hi'] < 10**6 else ''}"
             L.append(
                 f"| {mode} | {span} | {b['pages']} | {num(b['ratio'], '.1f')}x | "
-                f"{pct(b['precision'])} | {num(b['cer'], '.3f')} | {b['eos']}/{b['pages']} |"
+                f"{pct(b['precision'])} | {pct(b.get('recall'))} | {num(b['cer'], '.3f')} | "
+                f"{b['eos']}/{b['pages']} |"
             )
     L += [
         "",
         "## 2. The paper's Table 2 buckets (one page each, largest font that fits)",
         "",
-        "| V3 tokens | pages | mode | font px | ratio | precision | CER | paper precision "
-        "| paper ratio |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| V3 tokens | pages | mode | font px | ratio | precision | recall | CER "
+        "| paper precision | paper ratio |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     paper = {(r[0], r[1]): r for r in compression.PAPER_TABLE2}
     for b in res["table2"]:
@@ -234,8 +239,8 @@ def render(res: dict) -> str:
             p = paper[(b["lo"], b["hi"])]
             L.append(
                 f"| {b['lo']}-{b['hi']} | {b['pages']} | {mode} | {num(s['font_size'], '.0f')} | "
-                f"{num(s['ratio'], '.1f')}x | {pct(s['precision'])} | {num(s['cer'], '.3f')} | "
-                f"{p[pi]}% | {p[ci]}x |"
+                f"{num(s['ratio'], '.1f')}x | {pct(s['precision'])} | {pct(s.get('recall'))} | "
+                f"{num(s['cer'], '.3f')} | {p[pi]}% | {p[ci]}x |"
             )
     L += ["", "## 3. Real PDF pages", ""]
     pdf = res.get("pdf")
@@ -243,7 +248,7 @@ def render(res: dict) -> str:
         L.append("Not run: no page set (`python scripts/build_eval_sets.py`).")
     else:
         L += [
-            f"`{pdf['set']}` ({pdf['pages']} pages, ground truth = PDF text layer), "
+            f"`{pdf['set'].replace(str(ROOT) + '/', '')}` ({pdf['pages']} pages, ground truth = PDF text layer), "
             f"{pdf['mode']} mode: CER {num(pdf['cer'], '.3f')}, precision {pct(pdf['precision'])}, "
             f"{num(pdf['v3_tokens'], '.0f')} V3 tokens per page on average, "
             f"{pdf['eos']}/{pdf['pages']} ended by EOS, {num(mean(r['seconds'] for r in pdf['rows']))} "
@@ -273,7 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "mini.md"))
+    p.add_argument(
+        "--from-json", default=None, help="re-render the report from a saved .json (no model run)"
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        for mode in res["modes"]:
+            h = res["heldout"][mode]
+            h["all"] = summarise(h["rows"], mode)
+            h["buckets"] = [
+                {"lo": lo, "hi": hi, **summarise(inside, mode)}
+                for lo, hi in SHORT_BUCKETS
+                if (inside := [x for x in h["rows"] if lo <= x["v3_tokens"] < hi])
+            ]
+        Path(args.out).write_text(render(res), encoding="utf-8")
+        print(f"re-rendered {args.out} from {args.from_json}")
+        return 0
     for m in [*args.modes, args.pdf_mode]:
         get_mode(m)
     ocr = load_model(args.model, device=args.device)
