@@ -181,7 +181,7 @@ CONFIGS: dict[str, DeepseekOCRConfig] = {
         ),
         image_token_id=3,  # dsocr tokenizers put the special tokens first (ids 0..14)
     ),
-    # The CPU-trainable stand-in for ``mini`` (about 8M parameters), sized so that a 2-core CPU
+    # The CPU-trainable stand-in for ``mini`` (9.9M parameters), sized so that a 2-core CPU
     # sees tens of thousands of pages in a couple of hours. It ships as dsocr-mini until a GPU run
     # trains ``mini`` itself; its tokenizer is an English BPE of 4096 (same special-token layout).
     "mini-cpu": _variant(
