@@ -117,6 +117,16 @@ def summarise(rows: list[dict], mode: str) -> dict:
     }
 
 
+def buckets(rows: list[dict], mode: str) -> list[dict]:
+    """``summarise`` per SHORT_BUCKETS range of V3 tokens (empty ranges left out)."""
+    out = []
+    for lo, hi in SHORT_BUCKETS:
+        inside = [x for x in rows if lo <= x["v3_tokens"] < hi]
+        if inside:
+            out.append({"lo": lo, "hi": hi, **summarise(inside, mode)})
+    return out
+
+
 def heldout_pages(ocr, args) -> dict:
     recipe = recipe_of(ocr, args.corpus)
     docs = recipe_docs(recipe.corpus, "heldout", tuple(recipe.langs))
@@ -128,12 +138,7 @@ def heldout_pages(ocr, args) -> dict:
             for i in range(args.pages)
         ]
         rows = decode(ocr, [s.image for s in samples], [s.target for s in samples], mode, args)
-        buckets = []
-        for lo, hi in SHORT_BUCKETS:
-            inside = [x for x in rows if lo <= x["v3_tokens"] < hi]
-            if inside:
-                buckets.append({"lo": lo, "hi": hi, **summarise(inside, mode)})
-        out[mode] = {"all": summarise(rows, mode), "buckets": buckets, "rows": rows}
+        out[mode] = {"all": summarise(rows, mode), "buckets": buckets(rows, mode), "rows": rows}
         print(f"held-out {mode}: {out[mode]['all']}", file=sys.stderr)
     return out
 
@@ -286,12 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(Path(args.from_json).read_text())
         for mode in res["modes"]:
             h = res["heldout"][mode]
-            h["all"] = summarise(h["rows"], mode)
-            h["buckets"] = [
-                {"lo": lo, "hi": hi, **summarise(inside, mode)}
-                for lo, hi in SHORT_BUCKETS
-                if (inside := [x for x in h["rows"] if lo <= x["v3_tokens"] < hi])
-            ]
+            h["all"], h["buckets"] = summarise(h["rows"], mode), buckets(h["rows"], mode)
         Path(args.out).write_text(render(res), encoding="utf-8")
         print(f"re-rendered {args.out} from {args.from_json}")
         return 0

@@ -43,7 +43,6 @@ def cmd_ocr(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from dsocr.api import model_defaults
     from dsocr.distributed import RayUnavailable
     from dsocr.pipeline.convert import convert
     from dsocr.pipeline.workspace import BatchSummary, OutputError
@@ -59,14 +58,14 @@ def cmd_convert(args) -> int:
                 file=sys.stderr,
             )
 
-    defaults = model_defaults(args.model)
+    # convert() / convert_ray() fill a missing task and mode from the model's meta.json defaults.
+    given = {k: v for k, v in (("task", args.task), ("mode", args.mode)) if v is not None}
     options = dict(
         device=args.device,
         dtype=_dtype(args.dtype),
-        task=args.task or defaults.get("task", "markdown"),
         prompt=args.prompt,
         ref=args.ref,
-        mode=args.mode or defaults.get("mode", "gundam"),
+        **given,
         batch_size=args.batch_size,
         pages=args.pages,
         dpi=args.dpi,
