@@ -58,6 +58,14 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(110, cfg) == pytest.approx(0.1)
 
 
+def test_lr_schedule_warm_restart():
+    cfg = TrainConfig(lr=1.0, warmup=10, steps=210, min_lr_ratio=0.1, schedule_start=100)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(109, cfg) == pytest.approx(1.0)
+    assert lr_at(160, cfg) == pytest.approx(0.55)
+    assert lr_at(210, cfg) == pytest.approx(0.1)
+
+
 def test_batches_are_a_pure_function_of_step(tiny_cfg):
     from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 

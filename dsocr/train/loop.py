@@ -53,6 +53,9 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup: int = 100
+    # Step at which the warmup + cosine schedule starts (a warm restart when a later phase resumes
+    # a checkpoint whose schedule has already decayed); before it, the rate is the peak's floor.
+    schedule_start: int = 0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -75,10 +78,12 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``; both
+    counted from ``schedule_start``."""
+    step = max(0, step - cfg.schedule_start)
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.schedule_start - cfg.warmup)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
