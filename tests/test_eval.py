@@ -16,7 +16,15 @@ import dsocr
 from dsocr.configs import Mode
 from dsocr.eval.datasets import load_pages, rendered_pages, sha256_file, write_set
 from dsocr.eval.peers import DsocrPeer, Peer, RapidOCRPeer, TesseractPeer, join_lines, make_peers
-from dsocr.eval.run import ReportRow, evaluate, report_markdown, score, write_report
+from dsocr.eval.run import (
+    ReportRow,
+    evaluate,
+    report_markdown,
+    score,
+    standing_lines,
+    write_report,
+)
+from dsocr.vision.preprocess import valid_image_tokens
 
 TEST_BASE = Mode("test-base", 128, 128)
 
@@ -138,14 +146,19 @@ def test_end_to_end_tiny_model_and_tesseract(page_set, tmp_path):
     report = write_report(rows, tmp_path / "eval.md", command="dsocr eval --test")
     md = report.read_text()
     assert "dsocr eval --test" in md and "Machine:" in md and "Date:" in md
-    assert md.count("| dsocr-tiny | rendered-test | 3 |") == 1
+    tokens = valid_image_tokens(*pages[0].load_image().size, TEST_BASE)
+    assert row.mode == TEST_BASE.name and row.vision_tokens == tokens
+    assert md.count(f"| dsocr-tiny | {TEST_BASE.name} | {tokens} | 3 |") == 1
+    assert "### rendered-test" in md and "eval_tokens.png" in md
+    assert (tmp_path / "eval_tokens.png").stat().st_size > 1000
 
     if not tess_ok:
         pytest.skip(f"Tesseract unavailable: {why}")
     trow = rows[1]
     assert trow.pages == 3 and not trow.skipped
     assert trow.cer < 0.05, trow.per_page
-    assert "| tesseract | rendered-test | 3 |" in md
+    assert "| tesseract | — | — | 3 |" in md
+    assert "## Where dsocr stands" in md and "rendered-test, dsocr-tiny in" in md
 
 
 def test_report_without_rows_numbers_is_markdown(tmp_path):
@@ -155,7 +168,25 @@ def test_report_without_rows_numbers_is_markdown(tmp_path):
         )
     ]
     md = report_markdown(rows, command="x")
-    assert "| p | d | 1 | 0.1000 | 0.2000 | 0.9000 | 0.1000 | 1.50 |" in md
+    assert "| p | — | — | 1 | 0.1000 | 0.2000 | 0.9000 | 0.1000 | 1.50 |" in md
+    assert "Where dsocr stands" not in md  # no dsocr row to place
+
+
+def test_standing_lines_per_mode():
+    def row(peer, mode, cer, tokens=math.nan):
+        return ReportRow(peer, "d", mode=mode, vision_tokens=tokens, pages=1, cer=cer)
+
+    rows = [
+        row("dsocr:m", "tiny", 0.05, 64),
+        row("dsocr:m", "large", 0.01, 400),
+        row("tesseract", "", 0.02),
+        row("rapidocr", "", 0.03),
+    ]
+    tiny, large = standing_lines(rows)
+    assert "in tiny (64 vision tokens, within 256 vision tokens)" in tiny
+    assert "tesseract 0.0200 (dsocr worse), rapidocr 0.0300 (dsocr worse)" in tiny
+    assert "does not beat every peer" in tiny
+    assert "above 256 tokens" in large and "it beats every peer on CER" in large
 
 
 def test_main_writes_report_and_json(page_set, tmp_path, capsys):
@@ -174,7 +205,13 @@ def test_main_writes_report_and_json(page_set, tmp_path, capsys):
         str(tmp_path / "r.json"),
     ]
     assert main(args) == 0
-    assert "| dsocr:tiny | rendered-test | 1 |" in out.read_text()
+    assert "| dsocr:tiny | tiny | " in out.read_text()
     (row,) = json.loads((tmp_path / "r.json").read_text())
     assert row["pages"] == 1 and len(row["per_page"]) == 1
+    assert row["mode"] == "tiny" and row["vision_tokens"] == row["per_page"][0]["vision_tokens"]
+    args[args.index("--mode") + 1] = "tiny,small"
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["mode"] for r in rows] == ["tiny", "small"]
+    assert rows[0]["vision_tokens"] < rows[1]["vision_tokens"]
     assert main(["--dataset", str(page_set)]) == 2

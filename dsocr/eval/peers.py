@@ -23,6 +23,8 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from dsocr.vision.preprocess import valid_image_tokens
+
 PEER_NAMES = ("tesseract", "rapidocr")
 
 
@@ -160,6 +162,10 @@ class DsocrPeer:
 
     def ocr(self, image: Image.Image) -> str:
         return self.model.generate(image, self.prompt, self.mode, self.max_new_tokens)
+
+    def vision_tokens(self, image: Image.Image) -> int:
+        """Valid vision tokens this page costs in this mode (the spec's count, padding excluded)."""
+        return valid_image_tokens(image.width, image.height, self.mode)
 
 
 def make_peers(names: str | list[str]) -> list[Peer]:

@@ -7,9 +7,11 @@
     rows = evaluate(make_peers("tesseract,rapidocr"), pages)
     write_report(rows, "docs/benchmarks/eval.md", command="dsocr eval ...")
 
-One row per (peer, dataset): page count, mean CER, WER, Fox precision, OmniDocBench text edit
-(all per page, then averaged over pages) and mean wall seconds per page. A peer that is not
-available gets a row with ``skipped`` set and no numbers.
+One row per (peer, mode, dataset): page count, mean valid vision tokens per page (dsocr peers),
+mean CER, WER, Fox precision, OmniDocBench text edit (all per page, then averaged over pages) and
+mean wall seconds per page. A peer that is not available gets a row with ``skipped`` set and no
+numbers. The report states where each dsocr mode stands against the other peers, and plots
+accuracy against vision tokens per page (the paper's Figure 1) and against seconds per page.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ METRICS = ("cer", "wer", "fox_precision", "text_edit")
 class ReportRow:
     peer: str
     dataset: str
+    mode: str = ""  # dsocr resolution mode; "" for classic OCR peers
+    vision_tokens: float = math.nan  # mean valid vision tokens per page (dsocr peers only)
     pages: int = 0
     cer: float = math.nan
     wer: float = math.nan
@@ -66,13 +70,18 @@ def evaluate(peers, pages, progress=None) -> list[ReportRow]:
             rows += [ReportRow(peer.name, d, skipped=why) for d in datasets]
             continue
         for d in datasets:
-            row = ReportRow(peer.name, d)
+            mode = getattr(peer, "mode", "")
+            row = ReportRow(peer.name, d, mode=getattr(mode, "name", mode))
+            count = getattr(peer, "vision_tokens", None)
             for page in (p for p in pages if p.dataset == d):
                 image = page.load_image()
                 t0 = time.perf_counter()
                 pred = peer.ocr(image)
                 dt = time.perf_counter() - t0
-                row.per_page.append({"id": page.id, "seconds": dt, **score(pred, page.text)})
+                rec = {"id": page.id, "seconds": dt, **score(pred, page.text)}
+                if count is not None:
+                    rec["vision_tokens"] = count(image)
+                row.per_page.append(rec)
                 if progress:
                     progress(peer.name, page.id, dt)
             row.pages = len(row.per_page)
@@ -80,6 +89,8 @@ def evaluate(peers, pages, progress=None) -> list[ReportRow]:
                 for m in METRICS + ("seconds",):
                     val = sum(r[m] for r in row.per_page) / row.pages
                     setattr(row, "s_per_page" if m == "seconds" else m, val)
+                if count is not None:
+                    row.vision_tokens = sum(r["vision_tokens"] for r in row.per_page) / row.pages
             rows.append(row)
     return rows
 
@@ -123,38 +134,127 @@ def report_markdown(rows: list[ReportRow], command: str = "", notes: str = "") -
         "error rate. Fox precision: Fox-benchmark token precision (higher is better). Text edit: "
         "OmniDocBench normalised edit distance (lower is better). s/page: mean wall seconds.",
         "",
-        "| peer | dataset | pages | CER | WER | Fox precision | text edit | s/page |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "Vision tokens: valid vision tokens per page in that mode (dsocr only).",
     ]
-    for r in rows:
-        if r.skipped:
-            lines.append(f"| {r.peer} | {r.dataset} | 0 | skipped: {r.skipped} | | | | |")
-            continue
-        lines.append(
-            f"| {r.peer} | {r.dataset} | {r.pages} | {_fmt(r.cer)} | {_fmt(r.wer)} | "
-            f"{_fmt(r.fox_precision)} | {_fmt(r.text_edit)} | {_fmt(r.s_per_page, 2)} |"
-        )
+    for d in dict.fromkeys(r.dataset for r in rows):
+        lines += [
+            "",
+            f"### {d}",
+            "",
+            "| peer | mode | vision tokens | pages | CER | WER | Fox precision | text edit | s/page |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in (r for r in rows if r.dataset == d):
+            head = f"| {r.peer} | {r.mode or '—'} | {_fmt(r.vision_tokens, 0)}"
+            if r.skipped:
+                lines.append(f"{head} | 0 | skipped: {r.skipped} | | | | |")
+                continue
+            lines.append(
+                f"{head} | {r.pages} | {_fmt(r.cer)} | {_fmt(r.wer)} | "
+                f"{_fmt(r.fox_precision)} | {_fmt(r.text_edit)} | {_fmt(r.s_per_page, 2)} |"
+            )
+    standing = standing_lines(rows)
+    if standing:
+        lines += ["", "## Where dsocr stands", "", *standing]
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[ReportRow], path: str | os.PathLike) -> Path | None:
-    """Accuracy (1 - CER) vs seconds/page; None when matplotlib is not importable."""
+def standing_lines(rows: list[ReportRow], goal_tokens: int = 256) -> list[str]:
+    """One Markdown bullet per (dataset, dsocr mode): its CER beside every classic peer's, and
+    whether it beats all of them (the issue's goal: at ``goal_tokens`` vision tokens or fewer)."""
+    done = [r for r in rows if not r.skipped and r.pages]
+    out = []
+    for r in (r for r in done if r.mode):
+        others = [p for p in done if not p.mode and p.dataset == r.dataset]
+        if not others:
+            continue
+        versus = ", ".join(
+            f"{p.peer} {p.cer:.4f} ({'dsocr better' if r.cer < p.cer else 'dsocr worse'})"
+            for p in others
+        )
+        beats = all(r.cer < p.cer for p in others)
+        within = r.vision_tokens <= goal_tokens
+        verdict = "beats every peer" if beats else "does not beat every peer"
+        budget = f"within {goal_tokens} vision tokens" if within else f"above {goal_tokens} tokens"
+        out.append(
+            f"- {r.dataset}, {r.peer} in {r.mode} ({r.vision_tokens:.0f} vision tokens, {budget}):"
+            f" CER {r.cer:.4f} against {versus}; it {verdict} on CER."
+        )
+    return out
+
+
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError:
         return None
+    return plt
+
+
+def plot_tokens(rows: list[ReportRow], path: str | os.PathLike) -> Path | None:
+    """Accuracy (1 - CER) vs vision tokens per page, one line per dsocr peer and dataset over its
+    modes, classic peers as dashed levels (they have no vision tokens); None without matplotlib."""
+    plt = _pyplot()
+    done = [r for r in rows if not r.skipped and r.pages]
+    if plt is None or not any(r.mode for r in done):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    datasets = list(dict.fromkeys(r.dataset for r in done))
+    colors = {d: f"C{i}" for i, d in enumerate(datasets)}
+    for key in dict.fromkeys((r.peer, r.dataset) for r in done if r.mode):
+        pts = sorted(
+            (r.vision_tokens, 1 - r.cer, r.mode) for r in done if (r.peer, r.dataset) == key
+        )
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            "o-",
+            color=colors[key[1]],
+            label=f"{key[0]} / {key[1]}",
+        )
+        for x, y, m in pts:
+            ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    styles = ["--", ":", "-."]
+    for i, peer in enumerate(dict.fromkeys(r.peer for r in done if not r.mode)):
+        for r in (r for r in done if r.peer == peer):
+            ax.axhline(
+                1 - r.cer,
+                color=colors[r.dataset],
+                ls=styles[i % 3],
+                lw=1,
+                label=f"{peer} / {r.dataset} (no vision tokens)",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("vision tokens per page (log)")
+    ax.set_ylabel("character accuracy (1 - CER)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot(rows: list[ReportRow], path: str | os.PathLike) -> Path | None:
+    """Accuracy (1 - CER) vs seconds/page; None when matplotlib is not importable."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    import matplotlib.ticker
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         if r.skipped or not r.pages:
             continue
+        label = f"{r.peer} {r.mode} / {r.dataset}" if r.mode else f"{r.peer} / {r.dataset}"
         ax.scatter(r.s_per_page, 1 - r.cer)
-        ax.annotate(f"{r.peer} / {r.dataset}", (r.s_per_page, 1 - r.cer), fontsize=8)
+        ax.annotate(label, (r.s_per_page, 1 - r.cer), fontsize=7)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -174,6 +274,9 @@ def write_report(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     md = report_markdown(rows, command, notes)
+    png = plot_tokens(rows, path.with_name(path.stem + "_tokens.png"))
+    if png is not None:
+        md += f"\n![accuracy vs vision tokens per page]({png.name})\n"
     png = plot(rows, path.with_suffix(".png"))
     if png is not None:
         md += f"\n![accuracy vs seconds per page]({png.name})\n"
@@ -200,7 +303,9 @@ def add_arguments(ap) -> None:
         help="page-set folder or manifest.jsonl (repeatable); build with scripts/build_eval_sets.py",
     )
     ap.add_argument("--model", default=None, help="dsocr model to evaluate (omit: peers only)")
-    ap.add_argument("--mode", default="base")
+    ap.add_argument(
+        "--mode", default="base", help="resolution mode, or a comma list (tiny,small,base)"
+    )
     ap.add_argument("--prompt", default="<image>\nFree OCR.")
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--device", default=None)
@@ -223,9 +328,9 @@ def run_from_args(args, argv_for_report: str = "") -> int:
         from dsocr.api import load_model
 
         ocr = load_model(args.model, device=args.device)
-        peers.append(
-            DsocrPeer(ocr, args.mode, args.prompt, args.max_new_tokens, name=f"dsocr:{args.model}")
-        )
+        for mode in (m.strip() for m in args.mode.split(",") if m.strip()):
+            name = f"dsocr:{args.model}"
+            peers.append(DsocrPeer(ocr, mode, args.prompt, args.max_new_tokens, name=name))
     peers += make_peers(args.peers) if args.peers else []
     if not peers:
         print("dsocr eval: nothing to run: give --model and/or --peers", file=sys.stderr)
