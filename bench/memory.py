@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from dsocr.api import load_model
 from dsocr.compress import OpticalMemory
 from dsocr.compress.codec import REFERENCE_STYLE
 from dsocr.eval.metrics import cer, fox_scores
+from dsocr.eval.run import header_lines, run_info
 from dsocr.render import missing_chars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(recall[-1]), file=sys.stderr)
         final = mem.report()
     res = {
-        "command": "python bench/memory.py " + " ".join(argv),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}",
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **run_info("python bench/memory.py " + " ".join(argv)),
         "model": args.model,
         "config": ocr.model.config.name,
         "font_size": font,
@@ -201,9 +195,7 @@ def render(res: dict, plot_note: str | None) -> str:
     L = [
         "# Optical memory: tokens and recall",
         "",
-        f"- Command: `{res['command']}`",
-        f"- Machine: {res['machine']}",
-        f"- Date: {res['date']}",
+        *header_lines(res),
         f"- Model: `{res['model']}` (config `{res['config']}`); pages rendered at "
         f"{res['font_size']} px on the 640 px reference page, scaled per mode",
         "",

@@ -25,17 +25,13 @@ of 1.2x the reference in the model's tokens + 32, batched by the engine (``OCR.r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import random
 import statistics
 import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compression  # noqa: E402  (bench/compression.py: Table 2 passages, paper numbers)
@@ -45,6 +41,7 @@ from dsocr.compress import compress  # noqa: E402
 from dsocr.compress.accounting import model_token_count  # noqa: E402
 from dsocr.configs import get_mode  # noqa: E402
 from dsocr.eval.metrics import cer, fox_scores  # noqa: E402
+from dsocr.eval.run import header_lines, run_info  # noqa: E402
 from dsocr.language.tokenizer import PROMPTS, count_text_tokens  # noqa: E402
 from dsocr.train.data import DataRecipe, make_sample, recipe_docs, sample_seed  # noqa: E402
 
@@ -198,9 +195,7 @@ def render(res: dict) -> str:
     L = [
         "# dsocr-mini on held-out data",
         "",
-        f"- Command: `{res['command']}`",
-        f"- Machine: {res['machine']}",
-        f"- Date: {res['date']}",
+        *header_lines(res),
         f"- Model: `{res['model']}` (config `{res['config']}`, {res['params'] / 1e6:.1f}M "
         f"parameters, trained {res['train_step']} steps)",
         "- How this model was trained, phase by phase, and why: "
@@ -301,10 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = Path(ocr.source) / "meta.json"
     step = json.loads(meta.read_text()).get("step") if meta.is_file() else 0
     res = {
-        "command": "python bench/mini.py " + " ".join(argv),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}",
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **run_info("python bench/mini.py " + " ".join(argv)),
         "model": args.model,
         "config": ocr.model.config.name,
         "params": sum(t.numel() for t in ocr.model.parameters()),

@@ -117,18 +117,37 @@ def machine_description() -> str:
     return desc
 
 
+def run_info(command: str) -> dict[str, str]:
+    """The command, machine and UTC date a report names (stored in its JSON, re-rendered later)."""
+    import torch
+
+    return {
+        "command": command,
+        "machine": f"{machine_description()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def header_lines(info: dict[str, str]) -> list[str]:
+    """Markdown bullets for :func:`run_info`."""
+    command = f"`{info['command']}`" if info.get("command") else "(library call)"
+    return [
+        f"- Command: {command}",
+        f"- Machine: {info['machine']}",
+        f"- Date: {info['date']}",
+    ]
+
+
 def _fmt(x: float, digits: int = 4) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def report_markdown(rows: list[ReportRow], command: str = "", notes: str = "") -> str:
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# dsocr eval report",
         "",
-        f"- Command: `{command}`" if command else "- Command: (library call)",
-        f"- Machine: {machine_description()}",
-        f"- Date: {now}",
+        *header_lines(run_info(command)),
         "",
         "CER: character error rate after whitespace normalisation (lower is better). WER: word "
         "error rate. Fox precision: Fox-benchmark token precision (higher is better). Text edit: "

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Re-bundle the CPU dsocr-mini from runs/mini-cpu/latest and regenerate every report that
+# measures it (docs/training.md §4). Run from the repository root with .venv active, on an
+# otherwise idle machine (the reports time things). About 20 minutes on 2 cores.
+set -euo pipefail
+python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
+python bench/mini.py --pages 32 --table2-pages 1 --pdf-pages 5
+dsocr eval --model dsocr-mini --mode tiny,small,base --max-new-tokens 512 \
+    --dataset data/eval/rendered-en --dataset data/eval/pdf-debref-en --peers tesseract,rapidocr \
+    -o docs/benchmarks/eval.md --json docs/benchmarks/eval.json
+python bench/compression.py --pages-per-bucket 1 --scrambled 2 --long-tokens 2000
+python bench/memory.py --turns 10
