@@ -343,3 +343,30 @@ def test_tiny_model_learns_to_read_two_rendered_strings(tmp_path):
 
 
 TOY = ["il il", "WMW MWM"]  # different ink, so a tiny encoder separates them quickly
+
+
+def test_resize_vocab_keeps_every_other_weight(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import resize_vocab
+
+    from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+    from dsocr.weights import load_checkpoint, save_checkpoint
+
+    src = load_checkpoint("tiny")
+    save_checkpoint(src, tmp_path / "src")
+    tok = Tokenizer(byte_tokenizer("the cat sat on the mat " * 20, vocab_size=290))
+    tok_path = tok.save(tmp_path / "tok")
+    out = tmp_path / "out"
+    assert (
+        resize_vocab.main([str(tmp_path / "src"), "--tokenizer", str(tok_path), "--out", str(out)])
+        == 0
+    )
+    new = load_checkpoint(out)
+    assert new.config.language.vocab_size == len(tok) != src.config.language.vocab_size
+    assert Tokenizer.from_folder(out).sha256 == tok.sha256
+    old_sd, new_sd = src.state_dict(), new.state_dict()
+    for k, v in new_sd.items():
+        if k in resize_vocab.RESIZED:
+            assert v.shape[0] == len(tok)
+        else:
+            assert torch.equal(v, old_sd[k]), k
