@@ -14,6 +14,7 @@ from dsocr.render import (
     PageStyle,
     degrade,
     fit_to_mode,
+    glyph_centers,
     missing_chars,
     render_markdown,
     render_text,
@@ -76,6 +77,24 @@ def test_pagination_keeps_every_character_once():
         assert cols.min() >= SMALL.margin - 1 and cols.max() <= 320 - SMALL.margin
     # text consumed at a wrap point stays on the page before it, no page starts with a space
     assert not any(p.text.startswith(" ") for p in pages[1:])
+
+
+def test_glyph_centres_follow_the_drawn_characters():
+    text = "\n".join(f"{i}. {PROSE * (1 + i % 3)}" for i in range(12))
+    pages = render_text(text, SMALL)
+    centres = glyph_centers(text, SMALL)
+    assert len(centres) == len(pages) > 1
+    for page, glyphs in zip(pages, centres):
+        assert "".join(ch for ch, _, _ in glyphs) == "".join(page.text.split())
+        dark = ink(page)
+        hits = 0
+        for _, x, y in glyphs:
+            assert 0 <= x < page.image.width and 0 <= y < page.image.height
+            x0, y0 = int(x), int(y)
+            hits += bool(dark[max(0, y0 - 4) : y0 + 5, max(0, x0 - 4) : x0 + 5].any())
+        assert hits >= 0.95 * len(glyphs)  # ink next to nearly every centre (not "." or "'")
+        xs = [x for _, x, _ in glyphs[:5]]
+        assert xs == sorted(xs)  # left to right along the first line
 
 
 def test_long_word_is_hard_wrapped_and_form_feed_breaks_page():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TEST_BASE
+from PIL import Image
 
-from dsocr.configs import CONFIGS
+from dsocr.configs import CONFIGS, Mode
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+from dsocr.model import build_model
 from dsocr.train.data import DataRecipe, load_corpus, make_batch, recipe_docs
 from dsocr.train.loop import TrainConfig, lr_at, train
 from dsocr.weights import read_state_dict
@@ -370,3 +373,47 @@ def test_resize_vocab_keeps_every_other_weight(tmp_path):
             assert v.shape[0] == len(tok)
         else:
             assert torch.equal(v, old_sd[k]), k
+
+
+def test_cell_targets_name_the_characters_of_each_cell():
+    from dsocr.train.data import Sample, cell_targets
+    from dsocr.vision.preprocess import preprocess_image
+
+    cfg = CONFIGS["tiny"]
+    tok = Tokenizer(byte_tokenizer(vocab_size=cfg.language.vocab_size))
+    ppt = cfg.sam.pixels_per_token
+    image = Image.new("RGB", (4 * ppt, 4 * ppt), "white")  # a 4 x 4 token grid (no resize)
+    glyphs = [("a", 10, 10), ("b", 20, 12), ("a", ppt + 5, 3 * ppt + 1), ("é", 5, 5)]
+    sample = Sample(image, "", "ab a", "x", glyphs)
+    inputs = preprocess_image(image, Mode("x", 4 * ppt, 4 * ppt))
+    t = cell_targets(sample, tok, inputs, ppt)
+    (a,), (b,) = tok.encode("a"), tok.encode("b")
+    assert t.shape == (16, len(tok))
+    assert t[0, a] == t[0, b] == 1 and t[0].sum() == 2  # "é" is two byte tokens: skipped
+    assert t[3 * 4 + 1, a] == 1 and t.sum() == 3
+
+
+def test_character_loss_trains_and_is_logged(tmp_path):
+    from dsocr.train.loop import LossModule, char_loss
+
+    cfg = _cfg(tmp_path, steps=8, char_loss=0.5, eval_every=100, save_every=100)
+    train(cfg, log=lambda *_: None)
+    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl") if '"char_loss"' in x]
+    assert len(log) == 8
+    first, last = log[0], log[-1]
+    assert last["char_loss"] < first["char_loss"]
+    assert first["loss"] == pytest.approx(first["text_loss"] + 0.5 * first["char_loss"], rel=1e-4)
+    # Off by default: no glyph targets, and the total is the text loss.
+    model = build_model(CONFIGS["tiny"])
+    tok = Tokenizer(byte_tokenizer(vocab_size=CONFIGS["tiny"].language.vocab_size))
+    batch = make_batch(_recipe(), tok, model.config, step=0, rank=0, batch_size=2, seed=0)
+    assert batch.cell_targets is None
+    total, text, char = LossModule(model)(batch)
+    assert char is None and torch.equal(total, text)
+    batch = make_batch(
+        _recipe(glyph_targets=True), tok, model.config, step=0, rank=0, batch_size=2, seed=0
+    )
+    embeds = model.encode_images(batch.images)
+    t = math.isqrt(batch.cell_targets.shape[1])
+    assert embeds[0].shape[0] == t * (t + 1) + 1  # rows + newlines + separator
+    assert torch.isfinite(char_loss(model, embeds, batch.cell_targets, tok.encode(" ")[0]))

@@ -13,6 +13,7 @@ from dsocr.render.render import (
     PageStyle,
     degrade,
     fit_to_mode,
+    glyph_centers,
     render_markdown,
     render_text,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "PageStyle",
     "degrade",
     "fit_to_mode",
+    "glyph_centers",
     "missing_chars",
     "render_markdown",
     "render_text",

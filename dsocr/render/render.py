@@ -119,6 +119,42 @@ def render_markdown(md: str, style: PageStyle | None = None) -> list[Page]:
     return _render(md, layout_markdown(md, style), style)
 
 
+def glyph_centers(
+    text: str, style: PageStyle | None = None
+) -> list[list[tuple[str, float, float]]]:
+    """Per page of ``render_text(text, style)``: (character, x, y) of every non-space character,
+    x at the middle of its advance and y about half an x-height above the baseline.
+
+    For training targets (which vision token holds which characters). Characters of a shaped run
+    (Arabic, Devanagari) all get the run's centre.
+    """
+    style = style or PageStyle()
+    pages, _ = paginate(layout_text(text, style), style.columns, style.column_height)
+    step = style.column_width + style.column_gap
+    out = []
+    for page in pages:
+        glyphs = []
+        for col, y, item in page.items:
+            ox, oy = style.margin + col * step, style.margin + y
+            for op in item.ops:
+                if op[0] != TEXT:
+                    continue
+                _, x, base, f, run = op
+                cy = oy + base - 0.3 * style.font_size
+                if f.spec.shaped:
+                    cx = ox + x + f.measure(run) / 2
+                    glyphs += [(ch, cx, cy) for ch in run if not ch.isspace()]
+                    continue
+                left = 0.0
+                for i, ch in enumerate(run):
+                    right = f.font.getlength(run[: i + 1])
+                    if not ch.isspace():
+                        glyphs.append((ch, ox + x + (left + right) / 2, cy))
+                    left = right
+        out.append(glyphs)
+    return out
+
+
 def fit_to_mode(
     text: str,
     size_px: int,

@@ -29,7 +29,14 @@ from PIL import Image
 
 from dsocr.configs import DeepseekOCRConfig, Mode, get_mode
 from dsocr.language.tokenizer import PROMPTS, Tokenizer, build_prompt_ids
-from dsocr.render import PageStyle, degrade, missing_chars, render_markdown, render_text
+from dsocr.render import (
+    PageStyle,
+    degrade,
+    glyph_centers,
+    missing_chars,
+    render_markdown,
+    render_text,
+)
 from dsocr.vision.preprocess import ImageInputs, preprocess_image
 
 # A few real sentences (public-domain: Austen, the GNU GPL preamble is not used) for tests and
@@ -65,6 +72,9 @@ class DataRecipe:
     scramble_prob: float = 0.0
     max_target_tokens: int = 1024
     page_size: int | None = None  # square page side in px; None: the mode's base size
+    # Also give each batch, per vision token of the global view, the characters drawn in its
+    # 64 x 64 px cell (Batch.cell_targets), for the training loop's character loss.
+    glyph_targets: bool = False
 
 
 @dataclass
@@ -73,6 +83,7 @@ class Sample:
     prompt: str
     target: str
     mode: str
+    glyphs: list[tuple[str, float, float]] | None = None  # (char, x, y) in page px; None: unknown
 
 
 @dataclass
@@ -81,6 +92,9 @@ class Batch:
     labels: torch.Tensor  # (B, T): target ids (and EOS) where trained, else -100
     images: list[ImageInputs] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
+    # (B, t*t, V) multi-hot: which single-character tokens are drawn in each global-view token's
+    # cell (row-major); None unless the recipe asks for glyph targets.
+    cell_targets: torch.Tensor | None = None
 
 
 @lru_cache(maxsize=4)
@@ -158,6 +172,9 @@ def make_sample(recipe: DataRecipe, rng: random.Random, docs) -> Sample:
     render = render_markdown if task == "markdown" else render_text
     page = render(text, style)[0]
     image = page.image
+    glyphs = None
+    if recipe.glyph_targets and task != "markdown":
+        glyphs = glyph_centers(text, style)[0]
     if rng.random() < recipe.scan_prob:
         image = degrade(
             image,
@@ -168,7 +185,27 @@ def make_sample(recipe: DataRecipe, rng: random.Random, docs) -> Sample:
             rotate_deg=rng.uniform(-1.0, 1.0),
         )
     target = page.text.strip()
-    return Sample(image.convert("RGB"), PROMPTS[task], target, mode)
+    return Sample(image.convert("RGB"), PROMPTS[task], target, mode, glyphs)
+
+
+def cell_targets(
+    sample: Sample, tok: Tokenizer, inputs: ImageInputs, pixels_per_token: int, vocab: int = 0
+):
+    """(t*t, V) multi-hot (V = ``vocab`` or ``len(tok)``) of the single-token characters in each cell of the global view's
+    t x t token grid (the page is square and drawn at the view's size: no padding to undo)."""
+    side = inputs.global_view.shape[-1]
+    t = side // pixels_per_token
+    out = torch.zeros(t * t, vocab or len(tok))
+    scale = side / sample.image.width
+    memo: dict[str, list[int]] = {}
+    for ch, x, y in sample.glyphs or ():
+        ids = memo.get(ch) or memo.setdefault(ch, tok.encode(ch))
+        if len(ids) != 1:
+            continue
+        r = min(t - 1, max(0, int(y * scale / pixels_per_token)))
+        c = min(t - 1, max(0, int(x * scale / pixels_per_token)))
+        out[r * t + c, ids[0]] = 1.0
+    return out
 
 
 def encode_sample(sample: Sample, tok: Tokenizer, cfg: DeepseekOCRConfig, max_target: int):
@@ -213,6 +250,12 @@ def make_batch(
     encoded = [encode_sample(s, tok, cfg, recipe.max_target_tokens) for s in samples]
     batch = collate(encoded, tok.pad_id, device)
     batch.targets = [s.target for s in samples]
+    if recipe.glyph_targets:
+        ppt = cfg.sam.pixels_per_token
+        V = cfg.language.vocab_size
+        rows = [cell_targets(s, tok, e[2], ppt, V) for s, e in zip(samples, encoded)]
+        if len({r.shape for r in rows}) == 1:  # one global-view size: stackable
+            batch.cell_targets = torch.stack(rows).to(device)
     return batch
 
 
@@ -271,4 +314,6 @@ def batch_stream(batches: StepBatches, workers: int = 0) -> Iterator[Batch]:
 def batch_to(batch: Batch, device) -> Batch:
     batch.input_ids = batch.input_ids.to(device, non_blocking=True)
     batch.labels = batch.labels.to(device, non_blocking=True)
+    if batch.cell_targets is not None:
+        batch.cell_targets = batch.cell_targets.to(device, non_blocking=True)
     return batch

@@ -64,6 +64,9 @@ class TrainConfig:
     # encoder collapses to an image-independent output before the decoder learns to read (the
     # image tokens are noise to a decoder that cannot read yet, so the gradient removes them).
     vision_lr_scale: float = 1.0
+    # Weight of the character loss (``char_loss``: which characters each vision token's cell
+    # holds; needs rendered plain-text pages). 0: off. It sets ``data.glyph_targets``.
+    char_loss: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
@@ -90,22 +93,59 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def loss_on(model: DeepseekOCRForCausalLM, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens (prompt and padding are -100)."""
+    return losses_on(model, batch)[0]
+
+
+def losses_on(
+    model: DeepseekOCRForCausalLM, batch: Batch, char_weight: float = 0.0, blank_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(text loss, character loss or None); see :func:`char_loss`."""
     embeds = model.encode_images(batch.images)
     logits = model(batch.input_ids, image_embeds=torch.cat(embeds) if embeds else None)
-    return F.cross_entropy(
+    text = F.cross_entropy(
         logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100
     )
+    if not char_weight or batch.cell_targets is None:
+        return text, None
+    return text, char_loss(model, embeds, batch.cell_targets, blank_id)
+
+
+def char_loss(model, embeds, cell_targets: torch.Tensor, blank_id: int) -> torch.Tensor:
+    """Cross-entropy between what ``lm_head`` reads from each global-view vision token (through
+    the final norm) and the characters drawn in that token's cell, spread evenly over them; an
+    empty cell's target is ``blank_id`` (the space token).
+
+    A dense, local signal for the encoder. From scratch on a CPU budget, the text loss alone
+    teaches it only how much text a page holds; this teaches it which characters are where.
+    No new parameters, so checkpoints keep the official layout.
+    """
+    B, cells, V = cell_targets.shape
+    t = math.isqrt(cells)
+    grids = []
+    for e in embeds:  # global view: the last t*(t+1) + 1 rows (rows + newlines, separator)
+        g = e[-(t * (t + 1) + 1) : -1].view(t, t + 1, -1)[:, :t]
+        grids.append(g.reshape(cells, -1))
+    logits = model.lm_head(model.model.norm(torch.stack(grids))).float()  # (B, cells, V)
+    target = cell_targets.clone()
+    empty = target.sum(-1) == 0
+    target[..., blank_id] += empty.float()
+    target = target / target.sum(-1, keepdim=True)
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1))
 
 
 class LossModule(torch.nn.Module):
-    """The whole loss as one forward, so DDP sees vision and decoder in the same call."""
+    """The whole loss as one forward, so DDP sees vision and decoder in the same call. Returns
+    (total, text loss, character loss or None)."""
 
-    def __init__(self, model: DeepseekOCRForCausalLM):
+    def __init__(self, model: DeepseekOCRForCausalLM, char_weight: float = 0.0, blank_id: int = 0):
         super().__init__()
         self.model = model
+        self.char_weight, self.blank_id = char_weight, blank_id
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return loss_on(self.model, batch)
+    def forward(self, batch: Batch):
+        text, char = losses_on(self.model, batch, self.char_weight, self.blank_id)
+        total = text if char is None else text + self.char_weight * char
+        return total, text, char
 
 
 def freeze_parts(model: DeepseekOCRForCausalLM, parts) -> None:
@@ -212,6 +252,8 @@ def _load_tokenizer(cfg: TrainConfig, start: Path | None) -> Tokenizer:
 def train(cfg: TrainConfig, log=print) -> Path:
     """Train until ``cfg.steps`` (or ``max_minutes``); returns the ``latest`` checkpoint folder."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.char_loss and not cfg.data.glyph_targets:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, glyph_targets=True))
     rank, world = dist_setup(device)
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -266,7 +308,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         step = state["step"]
         if rank == 0:
             log(f"resumed from {latest} at step {step}")
-    step_fn = LossModule(model)
+    blank = tok.encode(" ")
+    step_fn = LossModule(model, cfg.char_loss, blank[0] if len(blank) == 1 else tok.pad_id)
     if world > 1:  # unrouted experts and CLIP's unused patch conv get no gradient some steps
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=True)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else None
@@ -291,7 +334,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
         batch = batch_to(next(stream), device)
         with autocast if autocast is not None else _null():
-            loss = step_fn(batch)
+            loss, text_loss, char = step_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -305,6 +348,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             rec = {
                 "step": step,
                 "loss": round(loss_v, 5),
+                **({"text_loss": round(float(text_loss.detach()), 5)} if char is not None else {}),
+                **({"char_loss": round(float(char.detach()), 5)} if char is not None else {}),
                 "lr": lr_at(step - 1, cfg),
                 "grad_norm": round(float(gnorm), 4),
                 "samples_per_s": round(samples_since / dt, 3),
