@@ -127,7 +127,8 @@ def buckets(rows: list[dict], mode: str) -> list[dict]:
 def heldout_pages(ocr, args) -> dict:
     recipe = recipe_of(ocr, args.corpus)
     docs = recipe_docs(recipe.corpus, "heldout", tuple(recipe.langs))
-    out = {"recipe": {k: getattr(recipe, k) for k in ("langs", "font_sizes", "fonts")}}
+    keys = ("langs", "font_sizes", "fonts", "min_chars", "max_chars", "scramble_prob")
+    out = {"recipe": {k: getattr(recipe, k) for k in keys}}
     for mode in args.modes:
         r = replace(recipe, modes=(mode,))
         samples = [
