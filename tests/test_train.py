@@ -143,17 +143,8 @@ def test_scrambled_pages_keep_the_words_and_lose_the_order():
 def test_vision_learning_rate_scale(tmp_path):
     from dsocr.train.loop import vision_parameters
 
-    cfg = TrainConfig(
-        model="tiny",
-        out=str(tmp_path / "run"),
-        steps=1,
-        batch_size=1,
-        warmup=1,
-        vision_lr_scale=0.25,
-        save_every=1,
-        eval_every=1,
-        eval_batches=1,
-        data=_recipe(),
+    cfg = _cfg(
+        tmp_path, steps=1, batch_size=1, warmup=1, vision_lr_scale=0.25, save_every=1, eval_every=1
     )
     train(cfg, log=lambda *_: None)
     state = torch.load(tmp_path / "run/latest/trainer.pt", weights_only=True)["optimizer"]
@@ -185,18 +176,7 @@ def test_rotate_images_keeps_token_counts():
 
 
 def test_stop_at_ends_a_phase_and_the_next_phase_resumes(tmp_path):
-    cfg = TrainConfig(
-        model="tiny",
-        out=str(tmp_path / "run"),
-        steps=6,
-        batch_size=1,
-        warmup=1,
-        stop_at=2,
-        save_every=100,
-        eval_every=100,
-        eval_batches=1,
-        data=_recipe(),
-    )
+    cfg = _cfg(tmp_path, batch_size=1, warmup=1, stop_at=2, save_every=100, eval_every=100)
     train(cfg, log=lambda *_: None)
     meta = json.loads((tmp_path / "run/latest/meta.json").read_text())
     assert meta["step"] == 2
