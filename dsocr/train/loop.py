@@ -119,18 +119,21 @@ def char_loss(model, embeds, cell_targets: torch.Tensor, blank_id: int) -> torch
     teaches it only how much text a page holds; this teaches it which characters are where.
     No new parameters, so checkpoints keep the official layout.
     """
-    B, cells, V = cell_targets.shape
-    t = math.isqrt(cells)
-    grids = []
-    for e in embeds:  # global view: the last t*(t+1) + 1 rows (rows + newlines, separator)
-        g = e[-(t * (t + 1) + 1) : -1].view(t, t + 1, -1)[:, :t]
-        grids.append(g.reshape(cells, -1))
-    logits = model.lm_head(model.model.norm(torch.stack(grids))).float()  # (B, cells, V)
+    t = math.isqrt(cell_targets.shape[1])
+    grids = torch.stack([global_view_tokens(e, t) for e in embeds])
+    logits = model.lm_head(model.model.norm(grids)).float()  # (B, t*t, V)
     target = cell_targets.clone()
     empty = target.sum(-1) == 0
     target[..., blank_id] += empty.float()
     target = target / target.sum(-1, keepdim=True)
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1))
+
+
+def global_view_tokens(embeds: torch.Tensor, t: int) -> torch.Tensor:
+    """One image's decoder embeddings -> its global view's (t*t, C) tokens, row-major: the last
+    t*(t+1) + 1 rows are the view's rows with their newlines, then the view separator."""
+    rows = embeds[-(t * (t + 1) + 1) : -1].view(t, t + 1, -1)
+    return rows[:, :t].reshape(t * t, -1)
 
 
 class LossModule(torch.nn.Module):

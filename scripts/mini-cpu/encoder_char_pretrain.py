@@ -17,7 +17,7 @@ import torch
 
 from dsocr.language.tokenizer import Tokenizer
 from dsocr.train.data import DataRecipe, make_batch
-from dsocr.train.loop import char_loss
+from dsocr.train.loop import char_loss, global_view_tokens
 from dsocr.weights import load_checkpoint
 
 torch.set_num_threads(2)
@@ -62,9 +62,7 @@ def recall(split="heldout"):
     with torch.no_grad():
         e = model.encode_images(b.images)
         t = 8
-        g = torch.stack(
-            [x[-(t * (t + 1) + 1) : -1].view(t, t + 1, -1)[:, :t].reshape(64, -1) for x in e]
-        )
+        g = torch.stack([global_view_tokens(x, t) for x in e])
         P = model.lm_head(model.model.norm(g))
     Y = b.cell_targets
     tot = hit = 0
