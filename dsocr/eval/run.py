@@ -185,7 +185,7 @@ def standing_lines(rows: list[ReportRow], goal_tokens: int = 256) -> list[str]:
     whether it beats all of them (the issue's goal: at ``goal_tokens`` vision tokens or fewer)."""
     done = [r for r in rows if not r.skipped and r.pages]
     out = []
-    for r in (r for r in done if r.mode):
+    for r in sorted((r for r in done if r.mode), key=lambda r: r.dataset):  # stable sort
         others = [p for p in done if not p.mode and p.dataset == r.dataset]
         if not others:
             continue

@@ -1,16 +1,16 @@
-"""Encoder-only training on the character loss, with the cell recall it reaches (an experiment of
-docs/training.md §4, not a training stage of the loop yet).
+"""Encoder-only training on the character loss, with the cell recall it reaches (the encoder
+stage of docs/training.md §4).
 
-    python scripts/mini-cpu/encoder_char_pretrain.py runs/mini-cpu-char/latest 1e-3 700
+    python scripts/mini-cpu/encoder_char_pretrain.py runs/mini-cpu-char/latest --lr 1e-3 --steps 700
 
 Trains SAM, CLIP, the projector, the final norm and lm_head (the decoder layers and embeddings are
-left alone) with AdamW at a constant rate on ``dsocr.train.loop.char_loss`` only, batch 16 of
-Tiny pages (DejaVu Sans 32 px, 100-200 characters). Every 50 steps it prints the loss and the
-top-k recall of each cell's characters on 8 held-out pages (k = the cell's character count).
-Writes nothing. Add ``fresh`` to re-initialise the encoder first.
+left alone) with AdamW at a constant rate on ``dsocr.train.loop.char_loss`` only, on Tiny pages
+of one sans font. Every ``--every`` steps it prints the loss and the top-k recall of each cell's
+characters on 8 held-out pages (k = the cell's character count), and with ``--save`` writes the
+whole model there (official layout, via ``dsocr.weights.save_checkpoint``).
 """
 
-import sys
+import argparse
 import time
 
 import torch
@@ -18,15 +18,27 @@ import torch
 from dsocr.language.tokenizer import Tokenizer
 from dsocr.train.data import DataRecipe, make_batch
 from dsocr.train.loop import char_loss, global_view_tokens
-from dsocr.weights import load_checkpoint
+from dsocr.weights import load_checkpoint, save_checkpoint
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--steps", type=int, default=700)
+ap.add_argument("--batch-size", type=int, default=16)
+ap.add_argument("--font-sizes", default="32")
+ap.add_argument("--min-chars", type=int, default=100)
+ap.add_argument("--max-chars", type=int, default=200)
+ap.add_argument("--tokenizer", default="data/mini-cpu-384/tokenizer.json")
+ap.add_argument("--fresh", action="store_true", help="re-initialise the encoder first")
+ap.add_argument("--every", type=int, default=50)
+ap.add_argument("--save", default=None)
+ap.add_argument("--seed", type=int, default=5)
+args = ap.parse_args()
 
 torch.set_num_threads(2)
-
-model = load_checkpoint(sys.argv[1], dtype=torch.float32)
+model = load_checkpoint(args.model, dtype=torch.float32)
 model.train()
-lr = float(sys.argv[2])
-steps = int(sys.argv[3])
-if len(sys.argv) > 4 and sys.argv[4] == "fresh":
+if args.fresh:
     from dsocr.model import build_model
 
     fresh = build_model(model.config, dtype=torch.float32, seed=1).state_dict()
@@ -35,15 +47,15 @@ if len(sys.argv) > 4 and sys.argv[4] == "fresh":
         if not k.startswith(("model.layers", "model.embed", "lm_head", "model.norm")):
             sd[k].copy_(fresh[k])
     print("re-initialised the encoder")
-tok = Tokenizer.from_file("data/mini-cpu-384/tokenizer.json")
+tok = Tokenizer.from_file(args.tokenizer)
 r = DataRecipe(
     corpus="data/corpus",
     langs=("en",),
     modes=("tiny",),
-    font_sizes=(32,),
+    font_sizes=tuple(int(s) for s in args.font_sizes.split(",")),
     fonts=("sans",),
-    min_chars=100,
-    max_chars=200,
+    min_chars=args.min_chars,
+    max_chars=args.max_chars,
     scan_prob=0,
     scramble_prob=0.5,
     glyph_targets=True,
@@ -54,19 +66,18 @@ params = [
     for n, p in model.named_parameters()
     if not n.startswith(("model.layers", "model.embed")) and p.requires_grad
 ]
-opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+held = make_batch(r, tok, model.config, step=999, rank=0, batch_size=8, seed=3, split="heldout")
 
 
-def recall(split="heldout"):
-    b = make_batch(r, tok, model.config, step=999, rank=0, batch_size=8, seed=3, split=split)
+def recall():
     with torch.no_grad():
-        e = model.encode_images(b.images)
+        e = model.encode_images(held.images)
         t = 8
         g = torch.stack([global_view_tokens(x, t) for x in e])
         P = model.lm_head(model.model.norm(g))
-    Y = b.cell_targets
     tot = hit = 0
-    for p, y in zip(P.flatten(0, 1), Y.flatten(0, 1)):
+    for p, y in zip(P.flatten(0, 1), held.cell_targets.flatten(0, 1)):
         k = int(y.sum())
         if k:
             tot += k
@@ -74,14 +85,17 @@ def recall(split="heldout"):
     return round(hit / tot, 3)
 
 
-print("before", recall())
+print("before", recall(), flush=True)
 t0 = time.time()
-for s in range(steps):
-    b = make_batch(r, tok, model.config, step=s, rank=0, batch_size=16, seed=5)
+for s in range(args.steps):
+    b = make_batch(r, tok, model.config, step=s, rank=0, batch_size=args.batch_size, seed=args.seed)
     e = model.encode_images(b.images)
     loss = char_loss(model, e, b.cell_targets, blank)
     opt.zero_grad()
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    if s % 50 == 49:
-        print(s + 1, round(float(loss.detach()), 3), recall(), round(time.time() - t0))
+    if (s + 1) % args.every == 0 or s + 1 == args.steps:
+        print(s + 1, round(float(loss.detach()), 3), recall(), round(time.time() - t0), flush=True)
+        if args.save:
+            save_checkpoint(model, args.save)
