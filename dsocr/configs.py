@@ -181,9 +181,10 @@ CONFIGS: dict[str, DeepseekOCRConfig] = {
         ),
         image_token_id=3,  # dsocr tokenizers put the special tokens first (ids 0..14)
     ),
-    # The CPU-trainable stand-in for ``mini`` (9.9M parameters), sized so that a 2-core CPU
+    # The CPU-trainable stand-in for ``mini`` (8.0M parameters), sized so that a 2-core CPU
     # sees tens of thousands of pages in a couple of hours. It ships as dsocr-mini until a GPU run
-    # trains ``mini`` itself; its tokenizer is an English BPE of 4096 (same special-token layout).
+    # trains ``mini`` itself; its tokenizer is an English byte BPE of 384 (same special-token
+    # layout; docs/training.md §4 phase 3).
     "mini-cpu": _variant(
         "mini-cpu",
         sam=dict(
@@ -197,7 +198,7 @@ CONFIGS: dict[str, DeepseekOCRConfig] = {
         ),
         clip=dict(width=256, layers=2, heads=4, mlp_dim=768),
         language=dict(
-            vocab_size=4096,
+            vocab_size=384,
             hidden_size=256,
             num_hidden_layers=4,
             num_attention_heads=4,

@@ -1,9 +1,9 @@
 """The bundled default model, dsocr-mini: repository limits, strict loading, and real weights.
 
 These run the shipped weights (dsocr/assets/dsocr-mini) on CPU. dsocr-mini today is the CPU
-stand-in (docs/training.md §4): it uses the image (the "reading gap" below) but does not yet read
-characters, so the text checks bound what docs/benchmarks/mini.md measured rather than demand
-good OCR. The pages are Austen (not in the Debian-docs training corpus).
+stand-in (docs/training.md §4): it reads part of the text of pages in its one training style
+(DejaVu Sans 32 px, Tiny), so the text checks bound what was measured here and in
+docs/benchmarks/mini.md rather than demand good OCR. The pages are Austen (not in the Debian-docs training corpus).
 """
 
 import json
@@ -24,8 +24,10 @@ from dsocr.train.loop import loss_on, rotate_images
 from dsocr.weights import load_checkpoint
 
 BUNDLE = ASSETS / DEFAULT_MODEL
-GAP_MIN = 0.1  # measured 0.28 and 0.50 on these two batches (bf16 bundle, step 1600)
-CER_MAX = 0.95  # measured: 0.81 and 0.78 ("the the the the"); empty output: 1.0
+GAP_MIN = 1.5  # measured 3.32 and 3.58 on these two batches (bf16 bundle, phase 5b step 1788);
+# the step-1600 bundle before it: 0.28 and 0.50
+CER_MAX = 0.75  # measured 0.76 and 0.56 ("fri wrapwrapper mes", "a command like mode"), mean 0.66;
+# the step-1600 bundle ("the the the the"): mean 0.80; empty output: 1.0
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLE / "config.json").is_file(), reason="dsocr-mini weights are not bundled"
