@@ -66,11 +66,16 @@ def bench_config(layers: int, experts: int, hidden: int, vocab: int, top_k: int)
     lang = base.language
     scale = hidden / lang.hidden_size
     lang = replace(
-        lang, num_hidden_layers=layers, n_routed_experts=experts, hidden_size=hidden,
-        num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
+        lang,
+        num_hidden_layers=layers,
+        n_routed_experts=experts,
+        hidden_size=hidden,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 128),
         intermediate_size=int(round(lang.intermediate_size * scale / 64)) * 64 or 64,
         moe_intermediate_size=int(round(lang.moe_intermediate_size * scale / 64)) * 64 or 64,
-        vocab_size=vocab, num_experts_per_tok=min(top_k, experts),
+        vocab_size=vocab,
+        num_experts_per_tok=min(top_k, experts),
     )
     tiny = CONFIGS["tiny"]  # vision tower: never run here, keep it small
     return replace(base, language=lang, sam=tiny.sam, clip=tiny.clip, name="bench")
@@ -102,20 +107,37 @@ def build_hf(model, stacks):
 
     lang = model.config.language
     cfg = DeepseekV2Config(
-        vocab_size=lang.vocab_size, hidden_size=lang.hidden_size,
-        intermediate_size=lang.intermediate_size, moe_intermediate_size=lang.moe_intermediate_size,
-        num_hidden_layers=lang.num_hidden_layers, num_attention_heads=lang.num_attention_heads,
-        num_key_value_heads=lang.num_key_value_heads, n_routed_experts=lang.n_routed_experts,
-        n_shared_experts=lang.n_shared_experts, num_experts_per_tok=lang.num_experts_per_tok,
-        first_k_dense_replace=lang.first_k_dense_replace, norm_topk_prob=lang.norm_topk_prob,
-        routed_scaling_factor=lang.routed_scaling_factor, topk_method="greedy", n_group=1,
-        topk_group=1, rms_norm_eps=lang.rms_norm_eps, max_position_embeddings=lang.max_position_embeddings,
+        vocab_size=lang.vocab_size,
+        hidden_size=lang.hidden_size,
+        intermediate_size=lang.intermediate_size,
+        moe_intermediate_size=lang.moe_intermediate_size,
+        num_hidden_layers=lang.num_hidden_layers,
+        num_attention_heads=lang.num_attention_heads,
+        num_key_value_heads=lang.num_key_value_heads,
+        n_routed_experts=lang.n_routed_experts,
+        n_shared_experts=lang.n_shared_experts,
+        num_experts_per_tok=lang.num_experts_per_tok,
+        first_k_dense_replace=lang.first_k_dense_replace,
+        norm_topk_prob=lang.norm_topk_prob,
+        routed_scaling_factor=lang.routed_scaling_factor,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        rms_norm_eps=lang.rms_norm_eps,
+        max_position_embeddings=lang.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": lang.rope_theta},
         # MLA sizes only shape the attention modules that are replaced below; qk_rope_head_dim
         # also sets config.head_dim, which LlamaAttention / LlamaRotaryEmbedding read (128).
-        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=0, qk_rope_head_dim=lang.head_dim,
-        v_head_dim=lang.head_dim, attention_bias=False, tie_word_embeddings=False,
-        bos_token_id=lang.bos_token_id, eos_token_id=lang.eos_token_id, pad_token_id=None,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=0,
+        qk_rope_head_dim=lang.head_dim,
+        v_head_dim=lang.head_dim,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=lang.bos_token_id,
+        eos_token_id=lang.eos_token_id,
+        pad_token_id=None,
     )
     with torch.device("meta"):
         hf = DeepseekV2ForCausalLM(cfg)
@@ -123,8 +145,11 @@ def build_hf(model, stacks):
             layer.self_attn = LlamaAttention(cfg, i)
     hf.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(model.device)
 
-    sd = {"model.embed_tokens.weight": model.model.embed_tokens.weight,
-          "model.norm.weight": model.model.norm.weight, "lm_head.weight": model.lm_head.weight}
+    sd = {
+        "model.embed_tokens.weight": model.model.embed_tokens.weight,
+        "model.norm.weight": model.model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
     for i, (ours, st) in enumerate(zip(model.model.layers, stacks)):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = ours.input_layernorm.weight
@@ -139,8 +164,9 @@ def build_hf(model, stacks):
             sd[p + "mlp.gate.weight"] = mlp.gate.weight
             sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"] = st
             for n in ("gate", "up", "down"):
-                sd[p + f"mlp.shared_experts.{n}_proj.weight"] = getattr(mlp.shared_experts,
-                                                                         f"{n}_proj").weight
+                sd[p + f"mlp.shared_experts.{n}_proj.weight"] = getattr(
+                    mlp.shared_experts, f"{n}_proj"
+                ).weight
     sd = {k: v.detach() for k, v in sd.items()}
     hf.load_state_dict(sd, strict=True, assign=True)
     meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
@@ -246,8 +272,12 @@ def sync(device):
 
 def run_dsocr(model, prompts, new_tokens):
     """Greedy through the engine; returns (tokens, prefill_s, decode_s, peak_bytes)."""
-    engine = Engine(model, max_batch_size=len(prompts), dtype=model.dtype,
-                    max_seq_len=len(prompts[0]) + new_tokens)
+    engine = Engine(
+        model,
+        max_batch_size=len(prompts),
+        dtype=model.dtype,
+        max_seq_len=len(prompts[0]) + new_tokens,
+    )
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True, detect_loops=False)
     with PeakMemory(model.device) as mem:
         results = engine.generate([Request(p, params) for p in prompts])
@@ -314,10 +344,16 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: per device)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--hf-experts", default="grouped_mm,eager",
-                    help="transformers experts implementations to time ('' skips transformers)")
-    ap.add_argument("--moe", default="loop,grouped",
-                    help="dsocr MoE variants: loop (decoder.py as is), grouped (the proposal)")
+    ap.add_argument(
+        "--hf-experts",
+        default="grouped_mm,eager",
+        help="transformers experts implementations to time ('' skips transformers)",
+    )
+    ap.add_argument(
+        "--moe",
+        default="loop,grouped",
+        help="dsocr MoE variants: loop (decoder.py as is), grouped (the proposal)",
+    )
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
 
@@ -330,29 +366,48 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = build_model(cfg, seed=0).to(device=device, dtype=dtype).eval()
     stacks = stack_experts(model)
-    n_dec = sum(p.numel() for n, p in model.named_parameters()
-                if not n.startswith(("model.sam_model", "model.vision_model", "model.projector")))
+    n_dec = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if not n.startswith(("model.sam_model", "model.vision_model", "model.projector"))
+    )
     hf_impls = [s for s in args.hf_experts.split(",") if s]
     hf = build_hf(model, stacks) if hf_impls else None
-    loop_forwards = {i: layer.mlp.forward for i, (layer, st) in
-                     enumerate(zip(model.model.layers, stacks)) if st is not None}
-    grouped_forwards = {i: grouped_moe_forward(model.model.layers[i].mlp, *stacks[i])
-                        for i in loop_forwards}
+    loop_forwards = {
+        i: layer.mlp.forward
+        for i, (layer, st) in enumerate(zip(model.model.layers, stacks))
+        if st is not None
+    }
+    grouped_forwards = {
+        i: grouped_moe_forward(model.model.layers[i].mlp, *stacks[i]) for i in loop_forwards
+    }
 
     def set_moe(variant):
         for i, f in (grouped_forwards if variant == "grouped" else loop_forwards).items():
             model.model.layers[i].mlp.forward = f
 
     setup = dict(
-        date=time.strftime("%Y-%m-%d %H:%M"), cpu=cpu_name(), cores=os.cpu_count(),
-        threads=torch.get_num_threads(), device=str(device),
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        cpu=cpu_name(),
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        device=str(device),
         gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
-        torch=torch.__version__, dtype=str(dtype).replace("torch.", ""),
-        layers=lang.num_hidden_layers, hidden=lang.hidden_size, heads=lang.num_attention_heads,
-        experts=lang.n_routed_experts, top_k=lang.num_experts_per_tok,
-        moe_intermediate=lang.moe_intermediate_size, dense_intermediate=lang.intermediate_size,
-        vocab=lang.vocab_size, decoder_params=n_dec, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, repeats=args.repeats, build_s=round(time.perf_counter() - t0, 1),
+        torch=torch.__version__,
+        dtype=str(dtype).replace("torch.", ""),
+        layers=lang.num_hidden_layers,
+        hidden=lang.hidden_size,
+        heads=lang.num_attention_heads,
+        experts=lang.n_routed_experts,
+        top_k=lang.num_experts_per_tok,
+        moe_intermediate=lang.moe_intermediate_size,
+        dense_intermediate=lang.intermediate_size,
+        vocab=lang.vocab_size,
+        decoder_params=n_dec,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        build_s=round(time.perf_counter() - t0, 1),
     )
     if hf is not None:
         import transformers
@@ -389,7 +444,9 @@ def main(argv=None):
         ref = best[variants[0]]["tokens"]
         for (impl, variant), b in best.items():
             row = dict(
-                impl=impl, variant=variant, batch=B,
+                impl=impl,
+                variant=variant,
+                batch=B,
                 prefill_tok_s=B * args.prompt_len / b["prefill_s"],
                 decode_tok_s=B * (args.new_tokens - 1) / b["decode_s"],
                 peak_extra_mb=b["mem"] / 2**20,
@@ -397,8 +454,12 @@ def main(argv=None):
                 first_mismatch=first_mismatch(b["tokens"], ref),
             )
             rows.append(row)
-            print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
-                              for k, v in row.items()}), flush=True)
+            print(
+                json.dumps(
+                    {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
+                ),
+                flush=True,
+            )
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -406,13 +467,17 @@ def main(argv=None):
 
 
 def print_table(rows):
-    print("\n| impl | MoE / experts | batch | prefill tok/s | decode tok/s | peak extra MB "
-          "| same greedy tokens |")
+    print(
+        "\n| impl | MoE / experts | batch | prefill tok/s | decode tok/s | peak extra MB "
+        "| same greedy tokens |"
+    )
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['variant']} | {r['batch']} | {r['prefill_tok_s']:.1f} "
-              f"| {r['decode_tok_s']:.2f} | {r['peak_extra_mb']:.0f} "
-              f"| {'yes' if r['same_tokens_as_first'] else 'no: ' + r['first_mismatch']} |")
+        print(
+            f"| {r['impl']} | {r['variant']} | {r['batch']} | {r['prefill_tok_s']:.1f} "
+            f"| {r['decode_tok_s']:.2f} | {r['peak_extra_mb']:.0f} "
+            f"| {'yes' if r['same_tokens_as_first'] else 'no: ' + r['first_mismatch']} |"
+        )
     base = {(r["batch"]): r for r in rows if r["impl"] == "dsocr" and r["variant"] == "loop"}
     hf = {}
     for r in rows:
@@ -425,9 +490,11 @@ def print_table(rows):
         for B in sorted(hf):
             for r in rows:
                 if r["impl"] == "dsocr" and r["batch"] == B:
-                    print(f"  batch {B} ({r['variant']}): "
-                          f"{r['decode_tok_s'] / hf[B]['decode_tok_s']:.2f}x "
-                          f"(vs hf {hf[B]['variant']})")
+                    print(
+                        f"  batch {B} ({r['variant']}): "
+                        f"{r['decode_tok_s'] / hf[B]['decode_tok_s']:.2f}x "
+                        f"(vs hf {hf[B]['variant']})"
+                    )
 
 
 if __name__ == "__main__":
