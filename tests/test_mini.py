@@ -3,7 +3,8 @@
 These run the shipped weights (dsocr/assets/dsocr-mini) on CPU. dsocr-mini today is the CPU
 stand-in (docs/training.md §4): it reads part of the text of pages in its one training style
 (DejaVu Sans 32 px, Tiny), so the text checks bound what was measured here and in
-docs/benchmarks/mini.md rather than demand good OCR. The pages are Austen (not in the Debian-docs training corpus).
+docs/benchmarks/mini.md rather than demand good OCR. The pages are Austen (not in the Debian-docs
+training corpus).
 """
 
 import json

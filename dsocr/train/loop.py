@@ -119,14 +119,19 @@ def char_loss(model, embeds, cell_targets: torch.Tensor, blank_id: int) -> torch
     teaches it only how much text a page holds; this teaches it which characters are where.
     No new parameters, so checkpoints keep the official layout.
     """
-    t = math.isqrt(cell_targets.shape[1])
-    grids = torch.stack([global_view_tokens(e, t) for e in embeds])
-    logits = model.lm_head(model.model.norm(grids)).float()  # (B, t*t, V)
+    logits = cell_logits(model, embeds, math.isqrt(cell_targets.shape[1])).float()
     target = cell_targets.clone()
     empty = target.sum(-1) == 0
     target[..., blank_id] += empty.float()
     target = target / target.sum(-1, keepdim=True)
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1))
+
+
+def cell_logits(model, embeds, t: int) -> torch.Tensor:
+    """What ``lm_head`` reads (through the final norm) from each global-view vision token of each
+    image's decoder embeddings: (B, t*t, V), cells row-major."""
+    grids = torch.stack([global_view_tokens(e, t) for e in embeds])
+    return model.lm_head(model.model.norm(grids))
 
 
 def global_view_tokens(embeds: torch.Tensor, t: int) -> torch.Tensor:

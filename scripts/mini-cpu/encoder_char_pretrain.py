@@ -11,13 +11,14 @@ whole model there (official layout, via ``dsocr.weights.save_checkpoint``).
 """
 
 import argparse
+import math
 import time
 
 import torch
 
 from dsocr.language.tokenizer import Tokenizer
 from dsocr.train.data import DataRecipe, make_batch
-from dsocr.train.loop import char_loss, global_view_tokens
+from dsocr.train.loop import cell_logits, char_loss
 from dsocr.weights import load_checkpoint, save_checkpoint
 
 ap = argparse.ArgumentParser()
@@ -72,10 +73,8 @@ held = make_batch(r, tok, model.config, step=999, rank=0, batch_size=8, seed=3, 
 
 def recall():
     with torch.no_grad():
-        e = model.encode_images(held.images)
-        t = 8
-        g = torch.stack([global_view_tokens(x, t) for x in e])
-        P = model.lm_head(model.model.norm(g))
+        t = math.isqrt(held.cell_targets.shape[1])
+        P = cell_logits(model, model.encode_images(held.images), t)
     tot = hit = 0
     for p, y in zip(P.flatten(0, 1), held.cell_targets.flatten(0, 1)):
         k = int(y.sum())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Re-bundle the CPU dsocr-mini from a checkpoint (default runs/mini-cpu/latest; phase 5b used runs/mini-cpu-s2/latest) and regenerate every report that
-# measures it (docs/training.md §4). Run from the repository root with .venv active, on an
+# Re-bundle the CPU dsocr-mini from a checkpoint (default runs/mini-cpu/latest; phase 5b used
+# runs/mini-cpu-s2/latest) and regenerate every report that measures it (docs/training.md §4). Run from the repository root with .venv active, on an
 # otherwise idle machine (the reports time things). About 20 minutes on 2 cores.
 set -euo pipefail
 python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
