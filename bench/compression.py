@@ -48,6 +48,7 @@ from dsocr.api import load_model
 from dsocr.compress import compress, decompress, default_style, word_precision, word_recall
 from dsocr.compress.accounting import model_token_count
 from dsocr.configs import get_mode
+from dsocr.fileio import note_block, save_report
 from dsocr.language.tokenizer import PROMPTS, count_text_tokens
 from dsocr.render import fit_to_mode, missing_chars
 
@@ -287,6 +288,8 @@ def render_markdown(res: dict) -> str:
             "",
         ]
     out += [
+        note_block("read-first"),
+        "",
         f"- Model: `{res['model']}` ({res['config']}), device {res['device']}.",
         f"- Text: English passages of `{res['corpus']}` (held-out documents), cut at line "
         "boundaries into buckets by DeepSeek-V3 token count; paper: Fox English pages.",
@@ -489,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = out.with_suffix(".png")
     note = write_plot(plot, res["buckets"], args.modes)
     res["plot"], res["plot_note"] = (None, note) if note else (plot.name, None)
-    out.write_text(render_markdown(res), encoding="utf-8")
+    save_report(out, render_markdown(res))
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     print(
         f"wrote {out}" + ("" if note else f", {plot.name}") + f", {out.with_suffix('.json').name}"

@@ -31,6 +31,7 @@ from dsocr.compress import OpticalMemory
 from dsocr.compress.codec import REFERENCE_STYLE
 from dsocr.eval.metrics import cer, fox_scores
 from dsocr.eval.run import header_lines, run_info
+from dsocr.fileio import note_block, save_report
 from dsocr.render import missing_chars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     note = write_plot(out.with_suffix(".png"), curve, recall)
-    out.write_text(render(res, note), encoding="utf-8")
+    save_report(out, render(res, note))
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")
     return 0
@@ -198,6 +199,8 @@ def render(res: dict, plot_note: str | None) -> str:
         *header_lines(res),
         f"- Model: `{res['model']}` (config `{res['config']}`); pages rendered at "
         f"{res['font_size']} px on the 640 px reference page, scaled per mode",
+        "",
+        note_block("read-first"),
         "",
         f"After {f['turns']} turns the context holds {f['context_tokens']} decoder tokens against "
         f"{f['plain_tokens']} for the plain-text history ({f['ratio']:.2f}x; "

@@ -42,6 +42,7 @@ from dsocr.compress.accounting import model_token_count  # noqa: E402
 from dsocr.configs import get_mode  # noqa: E402
 from dsocr.eval.metrics import cer, fox_scores  # noqa: E402
 from dsocr.eval.run import header_lines, run_info  # noqa: E402
+from dsocr.fileio import save_report  # noqa: E402
 from dsocr.language.tokenizer import PROMPTS, count_text_tokens  # noqa: E402
 from dsocr.train.data import DataRecipe, make_sample, recipe_docs, sample_seed  # noqa: E402
 
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in res["modes"]:
             h = res["heldout"][mode]
             h["all"], h["buckets"] = summarise(h["rows"], mode), buckets(h["rows"], mode)
-        Path(args.out).write_text(render(res), encoding="utf-8")
+        save_report(args.out, render(res))
         print(f"re-rendered {args.out} from {args.from_json}")
         return 0
     for m in [*args.modes, args.pdf_mode]:
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     res["pdf"] = pdf_pages(ocr, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(res), encoding="utf-8")
+    save_report(out, render(res))
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out} and {out.with_suffix('.json').name}")
     return 0

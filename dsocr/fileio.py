@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -72,3 +73,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+NOTE_BLOCK = re.compile(r"<!-- notes: ([\w-]+) -->\n(.*?)<!-- /notes -->", re.S)
+
+
+def note_block(name: str, body: str = "") -> str:
+    """A named slot for hand-written notes in a generated report (kept by ``save_report``)."""
+    return f"<!-- notes: {name} -->\n{body}<!-- /notes -->"
+
+
+def carry_notes(old: str, new: str) -> str:
+    """``new`` with each ``note_block`` filled from the same-named block of ``old``.
+
+    A regenerated report keeps what a person wrote into its slots. A block of ``old`` that ``new``
+    has no slot for is appended at the end, never dropped; an empty block in ``old`` leaves ``new``'s
+    default text in place.
+    """
+    kept = {m.group(1): m.group(2) for m in NOTE_BLOCK.finditer(old) if m.group(2).strip()}
+    slots = {m.group(1) for m in NOTE_BLOCK.finditer(new)}
+    out = NOTE_BLOCK.sub(lambda m: note_block(m.group(1), kept.get(m.group(1), m.group(2))), new)
+    orphans = [note_block(k, v) for k, v in kept.items() if k not in slots]
+    if orphans:
+        out = out.rstrip("\n") + "\n\n" + "\n\n".join(orphans) + "\n"
+    return out
+
+
+def save_report(path: str | Path, text: str) -> Path:
+    """Write a generated Markdown report atomically, keeping the notes of the file it replaces."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        text = carry_notes(path.read_text(encoding="utf-8"), text)
+    atomic_write_text(path, text)
+    return path

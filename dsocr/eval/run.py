@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dsocr.eval.metrics import cer, fox_precision, omnidoc_text_edit, wer
+from dsocr.fileio import note_block, save_report
 
 METRICS = ("cer", "wer", "fox_precision", "text_edit")
 
@@ -175,8 +176,7 @@ def report_markdown(rows: list[ReportRow], command: str = "", notes: str = "") -
     standing = standing_lines(rows)
     if standing:
         lines += ["", "## Where dsocr stands", "", *standing]
-    if notes:
-        lines += ["", notes.strip()]
+    lines += ["", note_block("notes", notes.strip() + "\n" if notes.strip() else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +289,8 @@ def plot(rows: list[ReportRow], path: str | os.PathLike) -> Path | None:
 def write_report(
     rows: list[ReportRow], path: str | os.PathLike, command: str = "", notes: str = ""
 ) -> Path:
-    """Write the Markdown report (and ``<stem>.png`` beside it when matplotlib is present)."""
+    """Write the Markdown report (and ``<stem>.png`` beside it when matplotlib is present),
+    keeping what was written by hand into the notes slot of the report it replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     md = report_markdown(rows, command, notes)
@@ -299,8 +300,7 @@ def write_report(
     png = plot(rows, path.with_suffix(".png"))
     if png is not None:
         md += f"\n![accuracy vs seconds per page]({png.name})\n"
-    path.write_text(md, encoding="utf-8")
-    return path
+    return save_report(path, md)
 
 
 def rows_as_dicts(rows: list[ReportRow], per_page: bool = False) -> list[dict]:

@@ -4,7 +4,7 @@ stage of docs/training.md §4).
     python scripts/mini-cpu/encoder_char_pretrain.py runs/mini-cpu-char/latest --lr 1e-3 --steps 700
 
 Trains SAM, CLIP, the projector, the final norm and lm_head (the decoder layers and embeddings are
-left alone) with AdamW at a constant rate on ``dsocr.train.loop.char_loss`` only, on Tiny pages
+left alone; ``--freeze-head`` keeps the norm and lm_head too) with AdamW at a constant rate on ``dsocr.train.loop.char_loss`` only, on Tiny pages
 of one sans font. Every ``--every`` steps it prints the loss and the top-k recall of each cell's
 characters on 8 held-out pages (k = the cell's character count), and with ``--save`` writes the
 whole model there (official layout, via ``dsocr.weights.save_checkpoint``).
@@ -31,6 +31,12 @@ ap.add_argument("--min-chars", type=int, default=100)
 ap.add_argument("--max-chars", type=int, default=200)
 ap.add_argument("--tokenizer", default="data/mini-cpu-384/tokenizer.json")
 ap.add_argument("--fresh", action="store_true", help="re-initialise the encoder first")
+ap.add_argument(
+    "--freeze-head",
+    action="store_true",
+    help="keep the final norm and lm_head fixed (only the encoder moves), so a decoder already "
+    "trained on this head keeps its text readout",
+)
 ap.add_argument("--every", type=int, default=50)
 ap.add_argument("--save", default=None)
 ap.add_argument("--seed", type=int, default=5)
@@ -66,6 +72,7 @@ params = [
     p
     for n, p in model.named_parameters()
     if not n.startswith(("model.layers", "model.embed")) and p.requires_grad
+    if not (args.freeze_head and n.startswith(("lm_head", "model.norm")))
 ]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 held = make_batch(r, tok, model.config, step=999, rank=0, batch_size=8, seed=3, split="heldout")
