@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 from dsocr.configs import get_mode, load_config
 from dsocr.engine.generate import Result, StreamEvent
-from dsocr.language.tokenizer import TD_END, TD_START, Tokenizer
+from dsocr.language.tokenizer import Tokenizer
 
 BACKENDS = ("dsocr", "vllm")
 
@@ -90,7 +90,6 @@ class VllmEngine:
 
         self.prompt = prompt
         self.tokenizer = ocr.tokenizer
-        self.whitelist = {ocr.tokenizer.token_to_id(t) for t in (TD_START, TD_END)} - {None}
         self.llm = LLM(
             model=ocr.source,
             enable_prefix_caching=False,
@@ -112,7 +111,7 @@ class VllmEngine:
             extra = dict(
                 ngram_size=p.ngram_size,
                 window_size=p.ngram_window,
-                whitelist_token_ids=set(self.whitelist),
+                whitelist_token_ids=set(p.ngram_whitelist or ()),  # <td>, </td> in its ids
             )
         params = SamplingParams(
             temperature=0.0,

@@ -2,13 +2,17 @@
 
 import builtins
 import json
+import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
+import torch
 from conftest import TEST_BASE
 from PIL import Image, ImageDraw
 
 import dsocr
+from dsocr.engine.sampling import ngram_whitelist_for
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 from dsocr.weights import save_checkpoint
 
@@ -101,3 +105,105 @@ def test_vllm_backend_without_vllm_or_gpu_is_a_one_line_error(tmp_path, capsys):
         dsocr.convert([page], "tiny", tmp_path / "out2", backend="vllm")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         dsocr.convert([page], "tiny", tmp_path / "out3", backend="nope")
+
+
+class _FakeVllm:
+    """Stand-ins for the parts of vLLM's API that ``dsocr.vllm_backend`` calls (LLM, its engine,
+    SamplingParams, the n-gram processor); ``sent`` records each request as dsocr made it."""
+
+    def __init__(self):
+        self.llm_kwargs, self.pending, self.sent, self.aborted = None, {}, [], []
+        fake = self
+
+        class SamplingParams(SimpleNamespace):
+            pass
+
+        class NGramPerReqLogitsProcessor:
+            pass
+
+        class Engine:
+            def add_request(self, key, inputs, params):
+                fake.pending[key] = inputs
+                fake.sent.append((inputs, vars(params)))
+
+            def step(self):  # finishes every pending request; its text names the page width
+                outs = [
+                    SimpleNamespace(
+                        request_id=key,
+                        finished=True,
+                        outputs=[
+                            SimpleNamespace(
+                                token_ids=[7, 8],
+                                text=f"page {inputs['multi_modal_data']['image'].size[0]}",
+                                finish_reason="stop",
+                            )
+                        ],
+                    )
+                    for key, inputs in fake.pending.items()
+                ]
+                fake.pending.clear()
+                return outs
+
+            def abort_request(self, ids):
+                fake.aborted += ids
+
+        class LLM:
+            def __init__(self, **kw):
+                fake.llm_kwargs = kw
+                self.llm_engine = Engine()
+
+        self.LLM, self.SamplingParams, self.processor = (
+            LLM,
+            SamplingParams,
+            NGramPerReqLogitsProcessor,
+        )
+
+    def install(self, monkeypatch):
+        vllm = ModuleType("vllm")
+        vllm.__version__, vllm.LLM, vllm.SamplingParams = "0.11.1", self.LLM, self.SamplingParams
+        ocr_mod = ModuleType("vllm.model_executor.models.deepseek_ocr")
+        ocr_mod.NGramPerReqLogitsProcessor = self.processor
+        for name in ("vllm.model_executor", "vllm.model_executor.models"):
+            monkeypatch.setitem(sys.modules, name, ModuleType(name))
+        monkeypatch.setitem(sys.modules, "vllm", vllm)
+        monkeypatch.setitem(sys.modules, ocr_mod.__name__, ocr_mod)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_vllm_backend_drives_vllm_with_the_official_settings(tiny_model, tmp_path, monkeypatch):
+    """The adapter, against a stand-in vLLM (no vLLM or GPU here): settings, requests, output."""
+    fake = _FakeVllm()
+    fake.install(monkeypatch)
+    folder = save_checkpoint(tiny_model, tmp_path / "ckpt", tokenizer=Tokenizer(byte_tokenizer()))
+    pages = []
+    for w in (96, 80):
+        pages.append(tmp_path / f"p{w}.png")
+        Image.new("RGB", (w, 64), "white").save(pages[-1])
+    with pytest.raises(ValueError, match="always tiles in Gundam mode"):
+        dsocr.convert(pages, str(folder), tmp_path / "base", backend="vllm", mode="base")
+    docs = dsocr.convert(
+        pages, str(folder), tmp_path / "out", backend="vllm", mode="gundam", task="free",
+        batch_size=3, max_new_tokens=40,
+    )  # fmt: skip
+    assert [d.status for d in docs] == ["converted"] * 2
+    assert [d.pages[0].raw for d in docs] == ["page 96", "page 80"]
+    assert (tmp_path / "out" / "p96" / "p96.md").read_text().strip() == "page 96"
+    kw = fake.llm_kwargs
+    assert kw["model"] == str(folder) and kw["max_num_seqs"] == 3
+    assert kw["enable_prefix_caching"] is False and kw["mm_processor_cache_gb"] == 0
+    assert kw["logits_processors"] == [fake.processor]
+    assert [inputs["multi_modal_data"]["image"].size for inputs, _ in fake.sent] == [
+        (96, 64),
+        (80, 64),
+    ]
+    inputs, params = fake.sent[0]
+    assert inputs["prompt"] == "<image>\nFree OCR."
+    assert params["temperature"] == 0.0 and params["skip_special_tokens"] is False
+    assert params["max_tokens"] == 40
+    whitelist = set(ngram_whitelist_for(Tokenizer(byte_tokenizer())))
+    assert whitelist  # the byte tokenizer carries <td> and </td> as special tokens
+    assert params["extra_args"] == {
+        "ngram_size": 20,
+        "window_size": 50,
+        "whitelist_token_ids": whitelist,
+    }
