@@ -6,6 +6,7 @@ keeps each row's token history in its own KV-cache slots, so it also checks that
 the right cache rows (slot moves, prefill into free rows).
 """
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -29,6 +30,7 @@ from dsocr.engine.sampling import (
     sample,
     top_p_filter,
 )
+from dsocr.language.decoder import MoE, expert_threads
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 
 BYTE0 = 15  # byte k is id 15 + k in byte_tokenizer()
@@ -484,3 +486,62 @@ def test_image_placeholder_is_never_generated(tiny_cfg):
     model = ScriptModel(tiny_cfg, lambda history: img)
     (res,) = Engine(model).generate([Request([0, 40, 41], GenerationParams(max_new_tokens=4))])
     assert img not in res.token_ids and len(res.token_ids) == 4
+
+
+def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg):
+    """Experts on a thread pool (no autograd, inference mode or not): the same outputs and engine
+    tokens as inline, and the pool really runs them; with grad enabled they stay inline."""
+    moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
+    names = set()
+    hooks = [
+        e.register_forward_hook(lambda *_: names.add(threading.current_thread().name))
+        for e in moe.experts
+    ]
+    x = torch.randn(8, tiny_cfg.language.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inline = moe(x)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), expert_threads(3):
+            assert torch.equal(moe(x), inline)
+    with expert_threads(3):
+        assert torch.equal(moe(x).detach(), inline)  # grad on: inline
+    assert names - {threading.current_thread().name}, "the pool never ran an expert"
+
+    names.clear()
+    prompts, embeds = _image_prompts(tiny_cfg)
+    p = GenerationParams(max_new_tokens=6, ignore_eos=True)
+    reqs = [Request(q, p, image_embeds=e) for q, e in zip(prompts, embeds)]
+    one = Engine(tiny_model, max_batch_size=4, expert_threads=1).generate(reqs)
+    assert names == {threading.current_thread().name}
+    two = Engine(tiny_model, max_batch_size=4, expert_threads=2).generate(reqs)
+    for h in hooks:
+        h.remove()
+    assert [r.token_ids for r in two] == [r.token_ids for r in one]
+    assert any(n.startswith("dsocr-experts") for n in names)
+
+
+def test_expert_threads_are_per_calling_thread(tiny_model, tiny_cfg):
+    """An engine decoding in another thread (the server's) leaves this thread's experts inline."""
+    moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with expert_threads(2):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    entered.wait(10)
+    names = set()
+    hooks = [
+        e.register_forward_hook(lambda *_: names.add(threading.current_thread().name))
+        for e in moe.experts
+    ]
+    with torch.no_grad():
+        moe(torch.randn(8, tiny_cfg.language.hidden_size))
+    release.set()
+    t.join()
+    for h in hooks:
+        h.remove()
+    assert names == {threading.current_thread().name}

@@ -21,6 +21,10 @@ A active experts per token, N = B*T flattened tokens.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,6 +135,38 @@ class MoEGate(nn.Module):
         return w * self.scale, idx
 
 
+_local = threading.local()  # .experts: the calling thread's expert_threads setting
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+@contextlib.contextmanager
+def expert_threads(n: int):
+    """Within this block, this thread's CPU MoE forwards without autograd run their experts on
+    ``n`` threads (<= 1: inline).
+
+    For decode, where each expert sees a few rows: those products are single-threaded GEMVs that
+    stream weights at about 12 GB/s of a 33 GB/s machine (bench/expert_gemv.py), so ``n`` threads,
+    each taking every n-th expert (torch releases the GIL inside kernels), stream n at once. Same
+    kernels, same results. The setting is per calling thread; with grad enabled the experts stay
+    inline (concurrent in-place writes into one output are not autograd-safe).
+    """
+    if n > 1 and n not in _pools:
+        _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="dsocr-experts")
+    previous = getattr(_local, "experts", 1)
+    _local.experts = n
+    try:
+        yield
+    finally:
+        _local.experts = previous
+
+
+def _no_grad(inference: bool, fn, *args):
+    """``fn(*args)`` in a pool thread, whose grad and inference modes (thread-local) start at the
+    defaults: no grad, and inference mode where the caller had it."""
+    with torch.inference_mode(inference), torch.no_grad():
+        return fn(*args)
+
+
 class MoE(nn.Module):
     """Routed experts (grouped by expert) plus the fused shared experts."""
 
@@ -152,11 +188,23 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         tokens = x[order // A]  # (N*A, C), grouped by expert
         out = torch.empty(tokens.shape[0], shape[-1], dtype=torch.float32, device=x.device)
-        start = 0
+        spans, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                out[start : start + n] = self.experts[e](tokens[start : start + n]).float()
+                spans.append((e, start, start + n))
                 start += n
+
+        def run(part):
+            for e, a, b in part:
+                out[a:b] = self.experts[e](tokens[a:b]).float()
+
+        k = getattr(_local, "experts", 1)
+        if k > 1 and x.device.type == "cpu" and len(spans) > 1 and not torch.is_grad_enabled():
+            inference = torch.is_inference_mode_enabled()
+            for f in [_pools[k].submit(_no_grad, inference, run, spans[i::k]) for i in range(k)]:
+                f.result()
+        else:
+            run(spans)
         routed = torch.empty_like(out)
         routed[order] = out  # back to (N*A, C) in (token, slot) order
         y = (routed.view(-1, A, shape[-1]) * w[..., None]).sum(dim=1).to(x.dtype)  # (N, C)
