@@ -30,6 +30,7 @@ from dsocr.engine.sampling import (
     sample,
     top_p_filter,
 )
+from dsocr.language import decoder
 from dsocr.language.decoder import MoE, expert_threads
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 
@@ -488,9 +489,10 @@ def test_image_placeholder_is_never_generated(tiny_cfg):
     assert img not in res.token_ids and len(res.token_ids) == 4
 
 
-def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg):
+def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg, monkeypatch):
     """Experts on a thread pool (no autograd, inference mode or not): the same outputs and engine
-    tokens as inline, and the pool really runs them; with grad enabled they stay inline."""
+    tokens as inline, and the pool really runs them; with grad enabled, or experts under the size
+    threshold, they stay inline."""
     moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
     names = set()
     hooks = [
@@ -500,6 +502,10 @@ def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg):
     x = torch.randn(8, tiny_cfg.language.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         inline = moe(x)
+        with expert_threads(3):
+            moe(x)  # the tiny config's experts are far below POOL_MIN_EXPERT_BYTES
+    assert names == {threading.current_thread().name}
+    monkeypatch.setattr(decoder, "POOL_MIN_EXPERT_BYTES", 0)
     for mode in (torch.no_grad, torch.inference_mode):
         with mode(), expert_threads(3):
             assert torch.equal(moe(x), inline)
@@ -520,8 +526,9 @@ def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg):
     assert any(n.startswith("dsocr-experts") for n in names)
 
 
-def test_expert_threads_are_per_calling_thread(tiny_model, tiny_cfg):
+def test_expert_threads_are_per_calling_thread(tiny_model, tiny_cfg, monkeypatch):
     """An engine decoding in another thread (the server's) leaves this thread's experts inline."""
+    monkeypatch.setattr(decoder, "POOL_MIN_EXPERT_BYTES", 0)
     moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
     entered, release = threading.Event(), threading.Event()
 

@@ -137,6 +137,9 @@ class MoEGate(nn.Module):
 
 _local = threading.local()  # .experts: the calling thread's expert_threads setting
 _pools: dict[int, ThreadPoolExecutor] = {}
+# Experts smaller than this (per weight matrix) stay inline: dispatch to a thread costs more than
+# streaming them (the official 896 x 1280 fp32 matrices are 4.6 MB; dsocr-mini's are KBs).
+POOL_MIN_EXPERT_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
@@ -147,8 +150,9 @@ def expert_threads(n: int):
     For decode, where each expert sees a few rows: those products are single-threaded GEMVs that
     stream weights at about 12 GB/s of a 33 GB/s machine (bench/expert_gemv.py), so ``n`` threads,
     each taking every n-th expert (torch releases the GIL inside kernels), stream n at once. Same
-    kernels, same results. The setting is per calling thread; with grad enabled the experts stay
-    inline (concurrent in-place writes into one output are not autograd-safe).
+    kernels, same results. The setting is per calling thread; with grad enabled, and for experts
+    under ``POOL_MIN_EXPERT_BYTES``, the experts stay inline (concurrent in-place writes into one
+    output are not autograd-safe; small experts are faster inline).
     """
     if n > 1 and n not in _pools:
         _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="dsocr-experts")
@@ -199,7 +203,15 @@ class MoE(nn.Module):
                 out[a:b] = self.experts[e](tokens[a:b]).float()
 
         k = getattr(_local, "experts", 1)
-        if k > 1 and x.device.type == "cpu" and len(spans) > 1 and not torch.is_grad_enabled():
+        g = self.experts[0].gate_proj.weight
+        big = g.numel() * g.element_size() >= POOL_MIN_EXPERT_BYTES
+        if (
+            k > 1
+            and big
+            and x.device.type == "cpu"
+            and len(spans) > 1
+            and not torch.is_grad_enabled()
+        ):
             inference = torch.is_inference_mode_enabled()
             for f in [_pools[k].submit(_no_grad, inference, run, spans[i::k]) for i in range(k)]:
                 f.result()
