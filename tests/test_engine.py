@@ -489,16 +489,23 @@ def test_image_placeholder_is_never_generated(tiny_cfg):
     assert img not in res.token_ids and len(res.token_ids) == 4
 
 
-def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg, monkeypatch):
-    """Experts on a thread pool (no autograd, inference mode or not): the same outputs and engine
-    tokens as inline, and the pool really runs them; with grad enabled, or experts under the size
-    threshold, they stay inline."""
-    moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
+def _expert_thread_names(moe):
+    """A set that collects the name of each thread running one of ``moe``'s experts, and the
+    hooks that fill it (remove them after)."""
     names = set()
     hooks = [
         e.register_forward_hook(lambda *_: names.add(threading.current_thread().name))
         for e in moe.experts
     ]
+    return names, hooks
+
+
+def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg, monkeypatch):
+    """Experts on a thread pool (no autograd, inference mode or not): the same outputs and engine
+    tokens as inline, and the pool really runs them; with grad enabled, or experts under the size
+    threshold, they stay inline."""
+    moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
+    names, hooks = _expert_thread_names(moe)
     x = torch.randn(8, tiny_cfg.language.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         inline = moe(x)
@@ -540,11 +547,7 @@ def test_expert_threads_are_per_calling_thread(tiny_model, tiny_cfg, monkeypatch
     t = threading.Thread(target=other)
     t.start()
     entered.wait(10)
-    names = set()
-    hooks = [
-        e.register_forward_hook(lambda *_: names.add(threading.current_thread().name))
-        for e in moe.experts
-    ]
+    names, hooks = _expert_thread_names(moe)
     with torch.no_grad():
         moe(torch.randn(8, tiny_cfg.language.hidden_size))
     release.set()

@@ -164,7 +164,7 @@ def expert_threads(n: int):
         _local.experts = previous
 
 
-def _no_grad(inference: bool, fn, *args):
+def _in_pool(inference: bool, fn, *args):
     """``fn(*args)`` in a pool thread, whose grad and inference modes (thread-local) start at the
     defaults: no grad, and inference mode where the caller had it."""
     with torch.inference_mode(inference), torch.no_grad():
@@ -181,6 +181,12 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
         )
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def _pool_worthy(self, x: torch.Tensor) -> bool:
+        """Whether ``expert_threads`` may run this forward's experts on its pool (see there)."""
+        g = self.experts[0].gate_proj.weight
+        big = g.numel() * g.element_size() >= POOL_MIN_EXPERT_BYTES
+        return big and x.device.type == "cpu" and not torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -203,17 +209,9 @@ class MoE(nn.Module):
                 out[a:b] = self.experts[e](tokens[a:b]).float()
 
         k = getattr(_local, "experts", 1)
-        g = self.experts[0].gate_proj.weight
-        big = g.numel() * g.element_size() >= POOL_MIN_EXPERT_BYTES
-        if (
-            k > 1
-            and big
-            and x.device.type == "cpu"
-            and len(spans) > 1
-            and not torch.is_grad_enabled()
-        ):
+        if k > 1 and len(spans) > 1 and self._pool_worthy(x):
             inference = torch.is_inference_mode_enabled()
-            for f in [_pools[k].submit(_no_grad, inference, run, spans[i::k]) for i in range(k)]:
+            for f in [_pools[k].submit(_in_pool, inference, run, spans[i::k]) for i in range(k)]:
                 f.result()
         else:
             run(spans)

@@ -4,8 +4,8 @@ stage of docs/training.md §4).
     python scripts/mini-cpu/encoder_char_pretrain.py runs/mini-cpu-char/latest --lr 1e-3 --steps 700
 
 Trains SAM, CLIP, the projector, the final norm and lm_head (the decoder layers and embeddings are
-left alone; ``--freeze-head`` keeps the norm and lm_head too) with AdamW at a constant rate on ``dsocr.train.loop.char_loss`` only, on Tiny pages
-of one sans font. Every ``--every`` steps it prints the loss and the top-k recall of each cell's
+left alone; ``--freeze-head`` keeps the norm and lm_head too) with AdamW at a constant rate on
+``dsocr.train.loop.char_loss`` only, on Tiny pages of one sans font. Every ``--every`` steps it prints the loss and the top-k recall of each cell's
 characters on 8 held-out pages (k = the cell's character count), and with ``--save`` writes the
 whole model there (official layout, via ``dsocr.weights.save_checkpoint``).
 """
