@@ -6,12 +6,15 @@ Decode of the official decoder is bound by reading routed-expert weights: at bat
 weight bytes are consumed by:
 
 - a plain streaming read (``sum`` of a 1 GiB tensor): the machine's ceiling;
-- ``F.linear(x, W)`` (what ``language/decoder.py`` and transformers' eager experts call);
+- ``F.linear(x, W)`` (what transformers' eager experts call);
 - ``(W @ x.T).T``, the same product with the other operand order;
-- ``F.linear`` split over two Python threads (torch releases the GIL inside the kernel);
+- oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, which ``language/decoder.py`` uses);
+- ``F.linear`` split over two or four Python threads (torch releases the GIL inside the kernel);
 
-for 1, 2, 3, 4 and 8 rows, at ``--threads`` intra-op threads. Best of ``--repeats``, the
-variants interleaved. Writes docs/benchmarks/expert_gemv.md.
+for 1, 2, 3, 4 and 8 rows, at ``--threads`` intra-op threads. A second table times one matrix of
+``lm_head``'s shape (129,280 x 1,280, 662 MB): ``F.linear`` and oneDNN against
+``language.decoder.linear`` inside ``decode_threads(2)`` and ``(4)`` (what the engine runs).
+Best of ``--repeats``, the variants interleaved. Writes docs/benchmarks/expert_gemv.md.
 
     python bench/expert_gemv.py
 """
@@ -29,8 +32,13 @@ import torch.nn.functional as F
 
 from dsocr.eval.run import header_lines, run_info
 from dsocr.fileio import note_block, save_report
+from dsocr.language.decoder import decode_threads, linear
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def rate(fn, nbytes: int, repeats: int) -> float:
@@ -41,6 +49,23 @@ def rate(fn, nbytes: int, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
+
+
+def best_rates(variants: dict, nbytes: int, repeats: int) -> dict:
+    """Best GB/s of each variant, interleaved so that load drift hits every variant alike."""
+    best = dict.fromkeys(variants, 0.0)
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            best[name] = max(best[name], rate(fn, nbytes, 1))
+    return best
+
+
+def table(rows: list, what: str) -> list[str]:
+    names = list(rows[0][1])
+    lines = ["| " + what + " | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for n, best in rows:
+        lines.append(f"| {n} | " + " | ".join(f"{best[k]:.1f}" for k in names) + " |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -55,51 +80,68 @@ def main(argv=None) -> int:
     weights = [torch.randn(896, 1280, generator=g) for _ in range(192)]
     nbytes = sum(w.numel() * 4 for w in weights)
     big = torch.randn(1 << 28, generator=g)  # 1 GiB
-    pool = ThreadPoolExecutor(2)
-    half = len(weights) // 2
+    pool = ThreadPoolExecutor(4)
 
-    def linear(ws, x):
+    def linears(ws, x):
         return [F.linear(x, w) for w in ws]
 
-    def threaded(x):
-        parts = [pool.submit(linear, weights[:half], x), pool.submit(linear, weights[half:], x)]
-        return [p.result() for p in parts]
+    def threaded(x, k):
+        return [p.result() for p in [pool.submit(linears, weights[i::k], x) for i in range(k)]]
 
     stream = rate(lambda: big.sum(), big.numel() * 4, args.repeats)
     rows = []
     for n in (int(r) for r in args.rows.split(",")):
         x = torch.randn(n, 1280, generator=g)
         variants = {
-            "F.linear": lambda x=x: linear(weights, x),
+            "F.linear": lambda x=x: linears(weights, x),
             "(W @ x.T).T": lambda x=x: [(w @ x.T).T for w in weights],
-            "F.linear, 2 Python threads": lambda x=x: threaded(x),
+            "oneDNN": lambda x=x: [onednn(x, w) for w in weights],
+            "F.linear, 2 Python threads": lambda x=x: threaded(x, 2),
+            "F.linear, 4 Python threads": lambda x=x: threaded(x, 4),
         }
-        best = dict.fromkeys(variants, 0.0)
-        for _ in range(args.repeats):  # interleaved, so load drift hits every variant alike
-            for name, fn in variants.items():
-                best[name] = max(best[name], rate(fn, nbytes, 1))
-        rows.append((n, best))
-        print(n, {k: round(v, 1) for k, v in best.items()}, flush=True)
+        rows.append((n, best_rates(variants, nbytes, args.repeats)))
+        print(n, {k: round(v, 1) for k, v in rows[-1][1].items()}, flush=True)
+    weights.clear()  # free 880 MB before the lm_head matrix
+    head = torch.nn.Linear(1280, 129280, bias=False)
+    head_bytes = head.weight.numel() * 4
+
+    def split(x, k):
+        with torch.no_grad(), decode_threads(k):
+            return linear(x, head)
+
+    head_rows = []
+    for n in (1, 2, 8):
+        x = torch.randn(n, 1280, generator=g)
+        variants = {
+            "F.linear": lambda x=x: F.linear(x, head.weight),
+            "oneDNN": lambda x=x: onednn(x, head.weight),
+            "linear, decode_threads(2)": lambda x=x: split(x, 2),
+            "linear, decode_threads(4)": lambda x=x: split(x, 4),
+        }
+        head_rows.append((n, best_rates(variants, head_bytes, args.repeats)))
+        print("lm_head", n, {k: round(v, 1) for k, v in head_rows[-1][1].items()}, flush=True)
 
     cmd = "python bench/expert_gemv.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    names = list(rows[0][1])
     lines = [
         "# Expert-weight streaming rate on this CPU (decode microbenchmark)",
         "",
         *header_lines(run_info(cmd.strip())),
-        f"- {len(weights)} fp32 matrices of 896 x 1280 ({nbytes / 1e6:.0f} MB), "
+        f"- 192 fp32 matrices of 896 x 1280 ({nbytes / 1e6:.0f} MB), "
         f"{args.threads} intra-op threads, best of {args.repeats}, variants interleaved",
         "",
         f"Streaming read (`sum` of 1 GiB): **{stream:.1f} GB/s**, the ceiling.",
         "",
         "GB/s of weight bytes consumed, by rows per matrix (tokens at one expert):",
         "",
-        "| rows | " + " | ".join(names) + " |",
-        "|---:|" + "---:|" * len(names),
+        *table(rows, "rows"),
+        "",
+        f"GB/s on one matrix of `lm_head`'s shape (129,280 x 1,280, {head_bytes / 1e6:.0f} MB):",
+        "",
+        *table(head_rows, "rows"),
+        "",
+        note_block("notes"),
+        "",
     ]
-    for n, best in rows:
-        lines.append(f"| {n} | " + " | ".join(f"{best[k]:.1f}" for k in names) + " |")
-    lines += ["", note_block("notes"), ""]
     path = save_report(args.out, "\n".join(lines))
     print(f"wrote {path}")
     return 0

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from dsocr.configs import DeepseekOCRConfig, Mode
-from dsocr.language.decoder import DeepseekV2Model
+from dsocr.language.decoder import DeepseekV2Model, linear
 from dsocr.vision.clip import VisionTransformer
 from dsocr.vision.deepencoder import MlpProjector, encode_views, layout_image_tokens
 from dsocr.vision.preprocess import ImageInputs, count_image_tokens
@@ -127,7 +127,7 @@ class DeepseekOCRForCausalLM(nn.Module):
         h = self.model.decode(h, positions, kv_cache)  # (B, T, C)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # (B, C)
-        return self.lm_head(h).float()
+        return linear(h, self.lm_head).float()
 
     # ---------------------------------------------------------------- init
     @torch.no_grad()

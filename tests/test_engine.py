@@ -6,11 +6,13 @@ keeps each row's token history in its own KV-cache slots, so it also checks that
 the right cache rows (slot moves, prefill into free rows).
 """
 
+import itertools
 import threading
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dsocr.engine.detokenize import IncrementalDetokenizer
 from dsocr.engine.generate import (
@@ -31,7 +33,7 @@ from dsocr.engine.sampling import (
     top_p_filter,
 )
 from dsocr.language import decoder
-from dsocr.language.decoder import MoE, expert_threads
+from dsocr.language.decoder import MoE, decode_threads
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 
 BYTE0 = 15  # byte k is id 15 + k in byte_tokenizer()
@@ -489,69 +491,94 @@ def test_image_placeholder_is_never_generated(tiny_cfg):
     assert img not in res.token_ids and len(res.token_ids) == 4
 
 
-def _expert_thread_names(moe):
-    """A set that collects the name of each thread running one of ``moe``'s experts, and the
-    hooks that fill it (remove them after)."""
-    names = set()
-    hooks = [
-        e.register_forward_hook(lambda *_: names.add(threading.current_thread().name))
-        for e in moe.experts
-    ]
-    return names, hooks
+def _product_thread_names(monkeypatch):
+    """A set that collects the name of each thread running a big product of ``decoder.linear``
+    (with every matrix counted as big)."""
+    monkeypatch.setattr(decoder, "POOL_MIN_BYTES", 0)
+    names, product = set(), decoder._product
+
+    def recording(*args):
+        names.add(threading.current_thread().name)
+        return product(*args)
+
+    monkeypatch.setattr(decoder, "_product", recording)
+    return names
 
 
-def test_expert_threads_match_inline_experts(tiny_model, tiny_cfg, monkeypatch):
-    """Experts on a thread pool (no autograd, inference mode or not): the same outputs and engine
-    tokens as inline, and the pool really runs them; with grad enabled, or experts under the size
-    threshold, they stay inline."""
-    moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
-    names, hooks = _expert_thread_names(moe)
-    x = torch.randn(8, tiny_cfg.language.hidden_size, generator=torch.Generator().manual_seed(0))
+def test_decode_products_match_linear():
+    """The decode kernels ((W @ x.T).T for 2 rows, oneDNN's linear, MKL's GEMV on pool threads):
+    F.linear's values to rounding, for any leading shape, with and without bias."""
+    if torch.backends.mkldnn.is_available():
+        assert decoder._onednn is not None, "torch's oneDNN linear op is gone: decode falls back"
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    for shape in [(1, 32), (2, 32), (1, 3, 32), (4, 1, 32), (5, 32), (2, 4, 32)]:
+        x = torch.randn(*shape, generator=g)
+        for bias, pooled in itertools.product((None, b), (False, True)):
+            decoder._local.pooled = pooled
+            try:
+                y = decoder._product(x, w, bias)
+            finally:
+                decoder._local.pooled = False
+            assert y.shape == (*shape[:-1], 48)
+            torch.testing.assert_close(y, F.linear(x, w, bias))
+
+
+def test_decode_threads_match_one_thread(tiny_model, tiny_cfg, monkeypatch):
+    """Big products split over a pool (experts; the rows of attention, MLP and lm_head weights),
+    no autograd, inference mode or not: the outputs of one thread and of a plain forward to
+    rounding, the same engine tokens, and the pool really runs them; with grad enabled, or
+    matrices under the size threshold, the forward is exactly the plain one."""
+    ids = torch.tensor([[0, 40, 41, 42, 43, 44, 45, 46]])
+
+    def forwards():  # 8 and 3 tokens: products of many rows, and of 2..4 (experts, lm_head)
+        return tiny_model(ids), tiny_model(ids[:, :3])
+
     with torch.no_grad():
-        inline = moe(x)
-        with expert_threads(3):
-            moe(x)  # the tiny config's experts are far below POOL_MIN_EXPERT_BYTES
+        plain = forwards()
+        with decode_threads(3):  # the tiny config's matrices are far below POOL_MIN_BYTES
+            small = forwards()
+    assert all(torch.equal(a, b) for a, b in zip(small, plain))
+    names = _product_thread_names(monkeypatch)
+    with torch.no_grad(), decode_threads(1):
+        one = forwards()
     assert names == {threading.current_thread().name}
-    monkeypatch.setattr(decoder, "POOL_MIN_EXPERT_BYTES", 0)
     for mode in (torch.no_grad, torch.inference_mode):
-        with mode(), expert_threads(3):
-            assert torch.equal(moe(x), inline)
-    with expert_threads(3):
-        assert torch.equal(moe(x).detach(), inline)  # grad on: inline
-    assert names - {threading.current_thread().name}, "the pool never ran an expert"
+        with mode(), decode_threads(3):
+            three = forwards()
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(three, one))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(three, plain))
+    assert names - {threading.current_thread().name}, "the pool never ran a product"
+    with decode_threads(3):  # grad on: the plain forward
+        assert torch.equal(tiny_model(ids).detach(), plain[0])
 
     names.clear()
     prompts, embeds = _image_prompts(tiny_cfg)
     p = GenerationParams(max_new_tokens=6, ignore_eos=True)
     reqs = [Request(q, p, image_embeds=e) for q, e in zip(prompts, embeds)]
-    one = Engine(tiny_model, max_batch_size=4, expert_threads=1).generate(reqs)
+    one = Engine(tiny_model, max_batch_size=4, decode_threads=1).generate(reqs)
     assert names == {threading.current_thread().name}
-    two = Engine(tiny_model, max_batch_size=4, expert_threads=2).generate(reqs)
-    for h in hooks:
-        h.remove()
+    two = Engine(tiny_model, max_batch_size=4, decode_threads=2).generate(reqs)
     assert [r.token_ids for r in two] == [r.token_ids for r in one]
-    assert any(n.startswith("dsocr-experts") for n in names)
+    assert any(n.startswith("dsocr-decode") for n in names)
 
 
-def test_expert_threads_are_per_calling_thread(tiny_model, tiny_cfg, monkeypatch):
-    """An engine decoding in another thread (the server's) leaves this thread's experts inline."""
-    monkeypatch.setattr(decoder, "POOL_MIN_EXPERT_BYTES", 0)
-    moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
+def test_decode_threads_are_per_calling_thread(tiny_model, tiny_cfg, monkeypatch):
+    """An engine decoding in another thread (the server's) leaves this thread's forwards plain."""
     entered, release = threading.Event(), threading.Event()
 
     def other():
-        with expert_threads(2):
+        with decode_threads(2):
             entered.set()
             release.wait(10)
 
     t = threading.Thread(target=other)
     t.start()
     entered.wait(10)
-    names, hooks = _expert_thread_names(moe)
+    names = _product_thread_names(monkeypatch)
+    moe = next(m for m in tiny_model.modules() if isinstance(m, MoE))
     with torch.no_grad():
         moe(torch.randn(8, tiny_cfg.language.hidden_size))
     release.set()
     t.join()
-    for h in hooks:
-        h.remove()
-    assert names == {threading.current_thread().name}
+    assert names == set()  # no decode_threads here: plain nn.Linear calls, not decoder._product

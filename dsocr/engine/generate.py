@@ -42,7 +42,7 @@ from dsocr.engine.sampling import (
     apply_no_repeat_ngram,
     sample,
 )
-from dsocr.language.decoder import expert_threads
+from dsocr.language.decoder import decode_threads
 
 FINISH_REASONS = ("eos", "length", "stop", "loop")
 
@@ -193,8 +193,10 @@ class Engine:
     ``max_position_embeddings``). ``dtype=None`` picks float32 on CPU and bfloat16 on CUDA and casts
     the model if needed. ``compile_decode`` wraps only the one-token decode forward in
     ``torch.compile`` (the prefill stays eager). ``max_prefill_tokens`` bounds one prefill batch
-    (padded tokens), except that one request is always admitted. ``expert_threads`` (default on
-    CPU: torch's thread count) runs a decode step's MoE experts on that many threads.
+    (padded tokens), except that one request is always admitted. ``decode_threads`` (default on
+    CPU: torch's thread count) runs prefill and decode forwards in
+    ``language.decoder.decode_threads``: CPU kernels picked for few-row products, and the big
+    ones (MoE experts, few-row products of the other weights) split over that many threads.
     """
 
     def __init__(
@@ -208,7 +210,7 @@ class Engine:
         compile_options: dict | None = None,
         max_prefill_tokens: int = 8192,
         eos_id: int | None = None,
-        expert_threads: int | None = None,
+        decode_threads: int | None = None,
     ):
         dtype = dtype or default_dtype(model.device)
         if model.dtype != dtype:
@@ -226,10 +228,9 @@ class Engine:
         # Any id but the image placeholder works as padding (pads are masked out).
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id != cfg.image_token_id else 0
         assert self.pad_id != cfg.image_token_id
-        # Decode on CPU runs MoE experts on this many threads (language.decoder.expert_threads).
-        if expert_threads is None:
-            expert_threads = torch.get_num_threads() if model.device.type == "cpu" else 1
-        self.expert_threads = expert_threads
+        if decode_threads is None:
+            decode_threads = torch.get_num_threads() if model.device.type == "cpu" else 1
+        self.decode_threads = decode_threads
         self.cache: KVCache | None = None
         self.waiting: deque[_Sequence] = deque()
         self.active: list[_Sequence] = []  # active[i] lives in cache row i
@@ -388,7 +389,8 @@ class Engine:
         start = len(self.active)
         rows = self.cache.rows(start, start + len(batch))
         last = torch.tensor(lens, device=device) - 1
-        logits = self.model(ids, positions, rows, img, logits_at=last)  # (b, V)
+        with decode_threads(self.decode_threads):
+            logits = self.model(ids, positions, rows, img, logits_at=last)  # (b, V)
         for i, s in enumerate(batch):
             s.slot, s.pos, s.t_admit = start + i, lens[i], t0
             self.active.append(s)
@@ -413,7 +415,7 @@ class Engine:
         device = self.model.device
         ids = torch.tensor([[s.generated[-1]] for s in seqs], device=device)  # (B, 1)
         positions = torch.tensor([[s.pos] for s in seqs], device=device)  # (B, 1)
-        with expert_threads(self.expert_threads):
+        with decode_threads(self.decode_threads):
             logits = self._decode(ids, positions, self.cache.rows(0, len(seqs)))  # (B, V)
         for s in seqs:
             s.pos += 1

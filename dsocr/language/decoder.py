@@ -14,6 +14,9 @@ Gotchas:
   runs once on its contiguous slice (no per-token loop). Expert outputs are weighted in fp32.
 - The KV cache is owned by the caller (``dsocr.engine``): a layer receives its (k, v) buffers and
   writes the new keys at slot == position. Positions must be distinct within a row.
+- Big products go through ``linear``: inside ``decode_threads`` (the engine's CPU decode step)
+  they use other kernels and threads than a plain forward, so decode logits match it to float
+  rounding, not bit for bit.
 
 Legend: B batch, T new tokens, S key slots, C hidden, nh heads, hs head size, E experts,
 A active experts per token, N = B*T flattened tokens.
@@ -83,9 +86,9 @@ class Attention(nn.Module):
         of shape (B, nh, S_max, hs), written at slots ``positions`` (B, T)."""
         B, T, C = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q = linear(x, self.q_proj).view(shape).transpose(1, 2)  # (B, nh, T, hs)
+        k = linear(x, self.k_proj).view(shape).transpose(1, 2)
+        v = linear(x, self.v_proj).view(shape).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k_buf, v_buf = kv
@@ -100,7 +103,7 @@ class Attention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
             att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             o = att @ v  # (B, nh, T, hs)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, C))
+        return linear(o.transpose(1, 2).reshape(B, T, C), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -113,7 +116,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj)
+        return linear(h, self.down_proj)
 
 
 class MoEGate(nn.Module):
@@ -135,40 +139,113 @@ class MoEGate(nn.Module):
         return w * self.scale, idx
 
 
-_local = threading.local()  # .experts: the calling thread's expert_threads setting
+# Per thread: .threads, the decode_threads setting (None: off); .pooled, True on pool threads.
+_local = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
-# Experts smaller than this (per weight matrix) stay inline: dispatch to a thread costs more than
-# streaming them (the official 896 x 1280 fp32 matrices are 4.6 MB; dsocr-mini's are KBs).
-POOL_MIN_EXPERT_BYTES = 1 << 20
+# Matrices smaller than this keep the plain path: dispatch to a pool thread costs more than
+# streaming them (the official 896 x 1280 fp32 experts are 4.6 MB; dsocr-mini's are KBs).
+POOL_MIN_BYTES = 1 << 20
+# Products of 2 to this many rows are bandwidth-bound: inside decode_threads they split the
+# weight's rows over the pool. Others run whole on the calling thread.
+SPLIT_MAX_ROWS = 4
+_onednn = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
 
 
 @contextlib.contextmanager
-def expert_threads(n: int):
-    """Within this block, this thread's CPU MoE forwards without autograd run their experts on
-    ``n`` threads (<= 1: inline).
+def decode_threads(n: int):
+    """Within this block, this thread's CPU forwards without autograd pick the fastest product
+    per shape for decode, and split the big ones over ``n`` threads (<= 1: all on this thread):
+    a MoE layer's experts (each thread takes every n-th), and the rows of the other big weights
+    (attention, dense and shared MLPs, ``lm_head``) for products of up to ``SPLIT_MAX_ROWS`` rows.
 
-    For decode, where each expert sees a few rows: those products are single-threaded GEMVs that
-    stream weights at about 12 GB/s of a 33 GB/s machine (bench/expert_gemv.py), so ``n`` threads,
-    each taking every n-th expert (torch releases the GIL inside kernels), stream n at once. Same
-    kernels, same results. The setting is per calling thread; with grad enabled, and for experts
-    under ``POOL_MIN_EXPERT_BYTES``, the experts stay inline (concurrent in-place writes into one
-    output are not autograd-safe; small experts are faster inline).
+    At decode each product sees a few rows. MKL's ``F.linear`` runs those as single-threaded GEMVs
+    streaming about 12 GB/s of a 33 GB/s machine, and wider few-row products slower still (5 GB/s
+    for ``lm_head`` at 8 rows); oneDNN's linear, and ``(W @ x.T).T`` at 2 rows, stream several
+    times faster, and ``n`` Python threads (torch releases the GIL inside kernels) stream n
+    products at once (bench/expert_gemv.py, docs/benchmarks/expert_gemv.md). Different kernels
+    round differently, so results match those outside the block, and across ``n``, to float
+    rounding, not bit for bit. The setting is per calling thread; with grad enabled, and for
+    matrices under ``POOL_MIN_BYTES``, everything is as outside the block.
     """
     if n > 1 and n not in _pools:
-        _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="dsocr-experts")
-    previous = getattr(_local, "experts", 1)
-    _local.experts = n
+        _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="dsocr-decode")
+    previous = getattr(_local, "threads", None)
+    _local.threads = n
     try:
         yield
     finally:
-        _local.experts = previous
+        _local.threads = previous
 
 
 def _in_pool(inference: bool, fn, *args):
-    """``fn(*args)`` in a pool thread, whose grad and inference modes (thread-local) start at the
-    defaults: no grad, and inference mode where the caller had it."""
-    with torch.inference_mode(inference), torch.no_grad():
-        return fn(*args)
+    """``fn(*args)`` as one of a split's parts: no grad, inference mode where the caller had it
+    (pool threads' modes start at the defaults), ``decode_threads(1)`` (the block's kernels, no
+    re-entry into the pool), and ``.pooled`` set for ``_product``."""
+    previous = getattr(_local, "pooled", False)
+    _local.pooled = True
+    try:
+        with torch.inference_mode(inference), torch.no_grad(), decode_threads(1):
+            return fn(*args)
+    finally:
+        _local.pooled = previous
+
+
+def _decoding(x: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """This thread's ``decode_threads`` count when it applies to ``x`` times ``weight`` (a CPU
+    forward without autograd inside the block, a matrix of at least ``POOL_MIN_BYTES``), else
+    None."""
+    n = getattr(_local, "threads", None)
+    if n is None or x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    return n if weight.numel() * weight.element_size() >= POOL_MIN_BYTES else None
+
+
+def _run_split(n: int, fn, parts: list) -> list:
+    """``[fn(p) for p in parts]`` with part 0 on this thread and the others on pool threads
+    (``len(parts) <= n``)."""
+    inference = torch.is_inference_mode_enabled()
+    futures = [_pools[n].submit(_in_pool, inference, fn, p) for p in parts[1:]]
+    first = _in_pool(inference, fn, parts[0])
+    return [first] + [f.result() for f in futures]
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by the kernel that streams ``weight`` fastest on a CPU for
+    x's row count: (W @ x.T).T for 2 rows, else oneDNN's linear (where torch has it, in fp32),
+    except for 1 row on a pool thread, where MKL's single-threaded GEMV does better beside the
+    other pool threads (docs/benchmarks/expert_gemv.md)."""
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, -1).contiguous()
+    if rows == 1 and getattr(_local, "pooled", False):
+        return F.linear(x, weight, bias)
+    if rows == 2:
+        # x2.T is a column-major view; with a row-major (C, rows) operand this is as slow as
+        # F.linear.
+        y = (weight @ x2.T).T
+        y = y if bias is None else y + bias
+    elif _onednn is not None and weight.dtype == torch.float32:
+        y = _onednn(x2, weight, bias, "none", [], "")
+    else:
+        return F.linear(x, weight, bias)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``; inside ``decode_threads(n)`` by ``_product``'s kernels, and for 2 to
+    ``SPLIT_MAX_ROWS`` rows with the weight's rows split over the n threads (one-row products are
+    as fast whole on oneDNN's threads, wider ones measured slower split)."""
+    n = _decoding(x, layer.weight)
+    if n is None:
+        return layer(x)
+    if n < 2 or not 2 <= x.numel() // x.shape[-1] <= SPLIT_MAX_ROWS:
+        return _product(x, layer.weight, layer.bias)
+    weights = layer.weight.chunk(n)
+    biases = [None] * n if layer.bias is None else layer.bias.chunk(n)
+    return torch.cat(_run_split(n, lambda wb: _product(x, *wb), list(zip(weights, biases))), -1)
 
 
 class MoE(nn.Module):
@@ -181,12 +258,6 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
         )
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-
-    def _pool_worthy(self, x: torch.Tensor) -> bool:
-        """Whether ``expert_threads`` may run this forward's experts on its pool (see there)."""
-        g = self.experts[0].gate_proj.weight
-        big = g.numel() * g.element_size() >= POOL_MIN_EXPERT_BYTES
-        return big and x.device.type == "cpu" and not torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -208,11 +279,10 @@ class MoE(nn.Module):
             for e, a, b in part:
                 out[a:b] = self.experts[e](tokens[a:b]).float()
 
-        k = getattr(_local, "experts", 1)
-        if k > 1 and len(spans) > 1 and self._pool_worthy(x):
-            inference = torch.is_inference_mode_enabled()
-            for f in [_pools[k].submit(_in_pool, inference, run, spans[i::k]) for i in range(k)]:
-                f.result()
+        k = _decoding(x, self.experts[0].gate_proj.weight)
+        # One row per expert (batch 1): as fast inline on oneDNN's threads, without the dispatch.
+        if k is not None and k > 1 and len(spans) > 1 and max(counts) > 1:
+            _run_split(k, run, [spans[i::k] for i in range(k)])
         else:
             run(spans)
         routed = torch.empty_like(out)
