@@ -8,7 +8,7 @@ weight bytes are consumed by:
 - a plain streaming read (``sum`` of a 1 GiB tensor): the machine's ceiling;
 - ``F.linear(x, W)`` (what transformers' eager experts call);
 - ``(W @ x.T).T``, the same product with the other operand order;
-- oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, which ``language/decoder.py`` uses);
+- oneDNN's linear (``language.decoder.onednn_linear``, torch's ``mkldnn._linear_pointwise``);
 - ``F.linear`` split over two or four Python threads (torch releases the GIL inside the kernel);
 
 for 1, 2, 3, 4 and 8 rows, at ``--threads`` intra-op threads. A second table times one matrix of
@@ -32,13 +32,9 @@ import torch.nn.functional as F
 
 from dsocr.eval.run import header_lines, run_info
 from dsocr.fileio import note_block, save_report
-from dsocr.language.decoder import decode_threads, linear
+from dsocr.language.decoder import decode_threads, linear, onednn_linear
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def rate(fn, nbytes: int, repeats: int) -> float:
@@ -95,7 +91,7 @@ def main(argv=None) -> int:
         variants = {
             "F.linear": lambda x=x: linears(weights, x),
             "(W @ x.T).T": lambda x=x: [(w @ x.T).T for w in weights],
-            "oneDNN": lambda x=x: [onednn(x, w) for w in weights],
+            "oneDNN": lambda x=x: [onednn_linear(x, w) for w in weights],
             "F.linear, 2 Python threads": lambda x=x: threaded(x, 2),
             "F.linear, 4 Python threads": lambda x=x: threaded(x, 4),
         }
@@ -114,7 +110,7 @@ def main(argv=None) -> int:
         x = torch.randn(n, 1280, generator=g)
         variants = {
             "F.linear": lambda x=x: F.linear(x, head.weight),
-            "oneDNN": lambda x=x: onednn(x, head.weight),
+            "oneDNN": lambda x=x: onednn_linear(x, head.weight),
             "linear, decode_threads(2)": lambda x=x: split(x, 2),
             "linear, decode_threads(4)": lambda x=x: split(x, 4),
         }

@@ -155,6 +155,11 @@ _onednn = (
 )
 
 
+def onednn_linear(x2: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear`` of a 2-D contiguous ``x2`` by torch's oneDNN op (needs ``_onednn``)."""
+    return _onednn(x2, weight, bias, "none", [], "")
+
+
 @contextlib.contextmanager
 def decode_threads(n: int):
     """Within this block, this thread's CPU forwards without autograd pick the fastest product
@@ -219,16 +224,16 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     except for 1 row on a pool thread, where MKL's single-threaded GEMV does better beside the
     other pool threads (docs/benchmarks/expert_gemv.md)."""
     rows = x.numel() // x.shape[-1]
-    x2 = x.reshape(rows, -1).contiguous()
     if rows == 1 and getattr(_local, "pooled", False):
         return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, -1).contiguous()
     if rows == 2:
         # x2.T is a column-major view; with a row-major (C, rows) operand this is as slow as
         # F.linear.
         y = (weight @ x2.T).T
         y = y if bias is None else y + bias
     elif _onednn is not None and weight.dtype == torch.float32:
-        y = _onednn(x2, weight, bias, "none", [], "")
+        y = onednn_linear(x2, weight, bias)
     else:
         return F.linear(x, weight, bias)
     return y.reshape(*x.shape[:-1], -1)
