@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -47,13 +48,36 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _process_umask() -> int:
+    """The umask, read once at import (setting it to read it back is not thread-safe later)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _file_mode(path: Path) -> int:
+    """The permission bits a plain ``open(path, "w")`` would leave: the existing file's, or
+    0o666 less the umask for a new one."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
 def atomic_write_with(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, rename it over ``path``."""
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, rename it over ``path``.
+
+    The result has the mode ``open(path, "w")`` would give (``mkstemp`` alone makes it 0o600,
+    unreadable to the group and others who share the output)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        write(tmp)  # some writers (safetensors) replace the file: set the mode afterwards
+        os.chmod(tmp, _file_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,6 +1,11 @@
 """Crash-safe writes and the report writer that keeps hand-written notes."""
 
-from dsocr.fileio import carry_notes, note_block, save_report
+import os
+import stat
+
+from dsocr import fileio
+from dsocr.fileio import atomic_write_text, carry_notes, note_block, save_report
+from dsocr.weights import save_checkpoint
 
 
 def test_regenerated_report_keeps_notes_and_takes_new_numbers(tmp_path):
@@ -23,3 +28,22 @@ def test_notes_without_a_slot_are_appended_not_dropped():
     assert out.startswith("b\n")
     assert note_block("empty", "default\n") in out  # an empty old block keeps the new default
     assert out.rstrip().endswith(note_block("gone", "Keep me.\n"))
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path, tiny_model):
+    """mkstemp makes 0o600 files; outputs others share (Markdown, checkpoints) must not be."""
+    expected = 0o666 & ~fileio._UMASK
+    new = tmp_path / "new.md"
+    atomic_write_text(new, "x")
+    assert _mode(new) == expected != 0o600
+    kept = tmp_path / "kept.md"
+    kept.write_text("old")
+    os.chmod(kept, 0o640)
+    atomic_write_text(kept, "new")
+    assert kept.read_text() == "new" and _mode(kept) == 0o640
+    files = list(save_checkpoint(tiny_model, tmp_path / "ckpt", max_shard_bytes=1 << 20).iterdir())
+    assert len(files) > 2 and {_mode(f) for f in files} == {expected}
