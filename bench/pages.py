@@ -152,7 +152,11 @@ def main(argv=None) -> int:
         assert done == n_pages, (done, n_pages)
         return time.perf_counter() - t, engine
 
-    run(args.warmup_pages if args.warmup_pages is not None else min(args.concurrency, args.pages))
+    warmup = (
+        args.warmup_pages if args.warmup_pages is not None else min(args.concurrency, args.pages)
+    )
+    if warmup:
+        run(warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     wall, engine = run(args.pages)
@@ -183,6 +187,7 @@ def main(argv=None) -> int:
         concurrency=args.concurrency,
         new_tokens=args.new_tokens,
         compile=args.compile,
+        warmup_pages=warmup,
         build_s=round(build_s, 1),
         wall_s=round(wall, 2),
         pages_per_s=args.pages / wall,
@@ -222,10 +227,11 @@ def report(r: dict, argv) -> str:
         "",
         f"- Command: `{cmd.strip()}`",
         f"- Device: {r['device']}, torch {r['torch']}, {r['dtype']}, date {r['date']}",
-        f"- Model: config `{r['config']}` ({r['layers']} decoder layers), seeded random weights,"
+        f"- Model: config `{r['config']}` ({r['layers']} decoder layer(s)), seeded random weights,"
         f" mode {r['mode']} ({r['vision_tokens']} vision tokens), {r['pages']} pages,"
         f" {r['concurrency']} in flight, {r['new_tokens']} generated tokens each (EOS ignored),"
-        f" decode step {'compiled' if r['compile'] else 'eager'}; timed after a warm-up batch",
+        f" decode step {'compiled' if r['compile'] else 'eager'}; timed after a warm-up run of"
+        f" {r['warmup_pages']} pages",
         "",
         "| pages/s | pages/day | generated tok/s | decode tok/s | vision s | prefill s | "
         "decode s | wall s | peak GPU GB |",
