@@ -582,3 +582,30 @@ def test_decode_threads_are_per_calling_thread(tiny_model, tiny_cfg, monkeypatch
     release.set()
     t.join()
     assert names == set()  # no decode_threads here: plain nn.Linear calls, not decoder._product
+
+
+def test_bfloat16_engine_with_real_images(tiny_cfg):
+    """The GPU default dtype (bf16), emulated on CPU: real preprocessed pages through the vision
+    tower, fp32 pixel tensors into a bf16 model, continuous batching; tokens for every request
+    and a first token that is the argmax of a bf16 full forward."""
+    from conftest import TEST_BASE
+    from PIL import Image
+
+    from dsocr.model import build_model
+    from dsocr.vision.preprocess import preprocess_image
+
+    model = build_model(tiny_cfg, seed=0).eval().to(torch.bfloat16)
+    inputs = [
+        preprocess_image(Image.new("RGB", (128, 96 + 16 * i), "white"), TEST_BASE) for i in range(3)
+    ]
+    img = tiny_cfg.image_token_id
+    prompts = [[0] + [img] * x.num_tokens + _ids(4, i) for i, x in enumerate(inputs)]
+    p = GenerationParams(max_new_tokens=5, ignore_eos=True)
+    engine = Engine(model, max_batch_size=2, dtype=torch.bfloat16)
+    results = engine.generate([Request(q, p, images=[x]) for q, x in zip(prompts, inputs)])
+    assert [len(r.token_ids) for r in results] == [5, 5, 5]
+    with torch.no_grad():
+        embeds = model.encode_images([inputs[0]])[0]
+        logits = model(torch.tensor([prompts[0]]), image_embeds=embeds)
+    assert embeds.dtype == torch.bfloat16
+    assert results[0].token_ids[0] == int(logits[0, -1].float().argmax())

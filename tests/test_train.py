@@ -397,3 +397,24 @@ def test_character_loss_trains_and_is_logged(tmp_path):
     t = math.isqrt(batch.cell_targets.shape[1])
     assert embeds[0].shape[0] == t * (t + 1) + 1  # rows + newlines + separator
     assert torch.isfinite(char_loss(model, embeds, batch.cell_targets, tok.encode(" ")[0]))
+
+
+def test_loss_under_bf16_autocast_matches_fp32(tiny_cfg):
+    """The GPU trains under bf16 autocast (never run here): the same losses, emulated with CPU
+    autocast, must run, backpropagate into the encoder and stay close to float32."""
+    from dsocr.train.loop import LossModule
+
+    model = build_model(tiny_cfg)
+    tok = Tokenizer(byte_tokenizer(vocab_size=tiny_cfg.language.vocab_size))
+    recipe = _recipe(glyph_targets=True)
+    batch = make_batch(recipe, tok, model.config, step=0, rank=0, batch_size=2, seed=0)
+    step = LossModule(model, char_weight=1.0, blank_id=tok.encode(" ")[0])
+    with torch.no_grad():
+        ref = [float(x) for x in step(batch)]
+    with torch.autocast("cpu", torch.bfloat16):
+        total, text, char = step(batch)
+    total.backward()
+    for got, want in zip((total, text, char), ref):
+        assert torch.isfinite(got) and abs(float(got) - want) < 0.05 * want
+    sam_grads = [p.grad for p in model.model.sam_model.parameters() if p.grad is not None]
+    assert sam_grads and all(torch.isfinite(g).all() for g in sam_grads)
