@@ -137,3 +137,23 @@ def test_abs_pos_and_clip_table_resize_are_bicubic_antialiased():
         table[1:].view(1, 4, 4, 4).permute(0, 3, 1, 2), size=(3, 3), mode="bicubic", antialias=True
     )
     torch.testing.assert_close(resized[1:], grid.permute(0, 2, 3, 1).reshape(9, 4))
+
+
+def test_rel_pos_bias_matches_its_definition():
+    """bias[b, (i, j), (k, l)] = q[b, (i, j)] . Rh[i, k] + q[b, (i, j)] . Rw[j, l]."""
+    from dsocr.vision.sam import get_rel_pos, rel_pos_bias
+
+    g = torch.Generator().manual_seed(0)
+    qh, qw, hs = 3, 4, 5
+    q = torch.randn(2, qh * qw, hs, generator=g)
+    rel_h, rel_w = (
+        torch.randn(2 * qh - 1, hs, generator=g),
+        torch.randn(2 * qw - 1, hs, generator=g),
+    )
+    bias = rel_pos_bias(q, rel_h, rel_w, (qh, qw), (qh, qw))
+    assert bias.shape == (2, qh * qw, qh * qw)
+    Rh, Rw = get_rel_pos(qh, qh, rel_h), get_rel_pos(qw, qw, rel_w)
+    qq = q.view(2, qh, qw, hs)
+    for b, i, j, k, l in [(0, 0, 0, 0, 0), (1, 2, 3, 1, 0), (0, 1, 2, 2, 3)]:
+        want = qq[b, i, j] @ Rh[i, k] + qq[b, i, j] @ Rw[j, l]
+        assert torch.allclose(bias[b, i * qw + j, k * qw + l], want, atol=1e-5)
