@@ -157,3 +157,27 @@ def test_rel_pos_bias_matches_its_definition():
     for b, i, j, k, l in [(0, 0, 0, 0, 0), (1, 2, 3, 1, 0), (0, 1, 2, 2, 3)]:
         want = qq[b, i, j] @ Rh[i, k] + qq[b, i, j] @ Rw[j, l]
         assert torch.allclose(bias[b, i * qw + j, k * qw + l], want, atol=1e-5)
+
+
+def test_rel_pos_bias_scratch_reuses_one_buffer_per_shape(tiny_model):
+    """Without autograd, the bias goes into a buffer kept per shape (layers of one SAM forward
+    reuse it) and has the same values; the encoder's output is unchanged."""
+    from dsocr.vision.sam import rel_pos_bias
+
+    g = torch.Generator().manual_seed(1)
+    rel_h, rel_w = torch.randn(5, 4, generator=g), torch.randn(7, 4, generator=g)
+    q1, q2 = torch.randn(2, 2, 12, 4, generator=g).unbind(0)
+    scratch = {}
+    with torch.no_grad():
+        a = rel_pos_bias(q1, rel_h, rel_w, (3, 4), (3, 4), scratch)
+        first = a.clone()
+        b = rel_pos_bias(q2, rel_h, rel_w, (3, 4), (3, 4), scratch)
+    assert len(scratch) == 1 and a.data_ptr() == b.data_ptr()
+    assert torch.equal(first, rel_pos_bias(q1, rel_h, rel_w, (3, 4), (3, 4)))
+    assert torch.equal(b, rel_pos_bias(q2, rel_h, rel_w, (3, 4), (3, 4)))
+    sam = tiny_model.model.sam_model
+    px = torch.randn(2, 3, 128, 128, generator=g)
+    with torch.no_grad():
+        fast = sam(px)
+    ref = sam(px).detach()  # autograd on: no scratch
+    assert torch.allclose(fast, ref, atol=1e-5)

@@ -51,13 +51,15 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return rel_pos[rel.long()]
 
 
-def rel_pos_bias(q: torch.Tensor, rel_pos_h, rel_pos_w, q_hw, k_hw) -> torch.Tensor:
+def rel_pos_bias(q: torch.Tensor, rel_pos_h, rel_pos_w, q_hw, k_hw, scratch=None) -> torch.Tensor:
     """Decomposed relative-position bias (MViTv2 / SAM).
 
     q: (B, qh*qw, hs), unscaled. Returns (B, qh*qw, kh*kw) to add to the scaled attention logits.
     Gotcha: einsum returns permuted views; the two small terms are made contiguous before the
     broadcast add so the big result is contiguous and the final reshape is free (otherwise a
     strided copy of the whole bias, 805 MB per global layer at 1024 px, a sixth of SAM's CPU time).
+    ``scratch`` (a dict, without autograd only): the result is written into a buffer kept there
+    per shape and returned, so layers of one forward reuse it instead of faulting in fresh pages.
     """
     (qh, qw), (kh, kw) = q_hw, k_hw
     Rh = get_rel_pos(qh, kh, rel_pos_h)  # (qh, kh, hs)
@@ -66,7 +68,14 @@ def rel_pos_bias(q: torch.Tensor, rel_pos_h, rel_pos_w, q_hw, k_hw) -> torch.Ten
     r_q = q.reshape(B, qh, qw, hs)
     bias_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).contiguous()  # (B, qh, qw, kh)
     bias_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).contiguous()  # (B, qh, qw, kw)
-    bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]  # (B, qh, qw, kh, kw), contiguous
+    h, w = bias_h[:, :, :, :, None], bias_w[:, :, :, None, :]
+    if scratch is None or torch.is_grad_enabled():
+        bias = h + w  # (B, qh, qw, kh, kw), contiguous
+    else:
+        key = (B, qh, qw, kh, kw, h.dtype, h.device)
+        if key not in scratch:
+            scratch[key] = torch.empty(key[:5], dtype=h.dtype, device=h.device)
+        bias = torch.add(h, w, out=scratch[key])
     return bias.reshape(B, qh * qw, kh * kw)
 
 
@@ -104,12 +113,12 @@ class Attention(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, hs))
         self.use_sdpa = True  # False: the manual softmax path, kept for equivalence tests
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
         B, H, W, C = x.shape
         nh = self.num_heads
         qkv = self.qkv(x).reshape(B, H * W, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, B * nh, H * W, C // nh).unbind(0)  # each (B*nh, H*W, hs)
-        bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # (B*nh, HW, HW)
+        bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W), scratch)
         if self.use_sdpa:
             o = F.scaled_dot_product_attention(
                 q.view(B, nh, H * W, -1),
@@ -145,16 +154,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = MLPBlock(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
+        """``scratch``: the forward's buffers for the attention bias (see ``rel_pos_bias``)."""
         shortcut = x
         x = self.norm1(x)  # (B, H, W, C)
         if self.window_size:
             H, W = x.shape[1:3]
             x, pad_hw = window_partition(x, self.window_size)  # (B*nW, ws, ws, C)
-            x = self.attn(x)
+            x = self.attn(x, scratch)
             x = window_unpartition(x, self.window_size, pad_hw, (H, W))
         else:
-            x = self.attn(x)
+            x = self.attn(x, scratch)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 
@@ -213,7 +223,8 @@ class ImageEncoderViT(nn.Module):
             f"SAM expects square inputs, got grid {tuple(x.shape[1:3])}"
         )
         x = x + resize_abs_pos(self.pos_embed, x.shape[1])
+        scratch: dict = {}  # attention-bias buffers shared by the blocks of this forward
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, scratch)
         x = self.neck(x.permute(0, 3, 1, 2))  # (B, out_chans, H, W)
         return self.net_3(self.net_2(x))  # (B, out_width, H/4, W/4)
