@@ -34,12 +34,14 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_atomic_writes_get_the_mode_open_would_give(tmp_path, tiny_model):
-    """mkstemp makes 0o600 files; outputs others share (Markdown, checkpoints) must not be."""
-    expected = 0o666 & ~fileio._UMASK
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path, tiny_model, monkeypatch):
+    """mkstemp makes 0o600 files; outputs others share (Markdown, checkpoints) must not be.
+    The umask the module read at import is pinned to 0o022, so this holds on any machine."""
+    monkeypatch.setattr(fileio, "_UMASK", 0o022)
+    expected = 0o644
     new = tmp_path / "new.md"
     atomic_write_text(new, "x")
-    assert _mode(new) == expected != 0o600
+    assert _mode(new) == expected
     kept = tmp_path / "kept.md"
     kept.write_text("old")
     os.chmod(kept, 0o640)
