@@ -32,7 +32,7 @@ from dsocr.engine.sampling import (
     sample,
     top_p_filter,
 )
-from dsocr.language import decoder
+from dsocr.language import decoder, fewrow
 from dsocr.language.decoder import MoE, decode_threads
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 
@@ -493,26 +493,49 @@ def test_image_placeholder_is_never_generated(tiny_cfg):
 
 def _product_thread_names(monkeypatch):
     """A set that collects the name of each thread running a big product of ``decoder.linear``
-    (with every matrix counted as big)."""
+    (with every matrix counted as big), by ``_product`` or by a split over ``fewrow``; the
+    threads of the latter also go to ``names.fewrow``."""
     monkeypatch.setattr(decoder, "POOL_MIN_BYTES", 0)
-    names, product = set(), decoder._product
+
+    class Names(set):
+        fewrow: set = set()
+
+    names, product, into = Names(), decoder._product, fewrow.linear_into
+    names.fewrow = set()
 
     def recording(*args):
         names.add(threading.current_thread().name)
         return product(*args)
 
+    def recording_into(*args):
+        names.add(threading.current_thread().name)
+        names.fewrow.add(threading.current_thread().name)
+        return into(*args)
+
     monkeypatch.setattr(decoder, "_product", recording)
+    monkeypatch.setattr(fewrow, "linear_into", recording_into)
     return names
 
 
-def test_decode_products_match_linear():
-    """The decode kernels ((W @ x.T).T for 2 rows, oneDNN's linear, MKL's GEMV on pool threads):
-    F.linear's values to rounding, for any leading shape, with and without bias."""
+@pytest.fixture(params=["fewrow", "torch"])
+def decode_kernels(request, monkeypatch):
+    """Both sets of decode kernels: the built few-row kernel, and torch's (where it is off)."""
+    if request.param == "fewrow":
+        assert fewrow.available(), fewrow.status()
+    else:
+        monkeypatch.setattr(fewrow, "usable", lambda *a: False)
+    return request.param
+
+
+def test_decode_products_match_linear(decode_kernels):
+    """The decode kernels (fewrow up to 8 rows; else (W @ x.T).T for 2 rows, oneDNN's linear,
+    MKL's GEMV on pool threads): F.linear's values to rounding, for any leading shape, with and
+    without bias."""
     if torch.backends.mkldnn.is_available():
         assert decoder._onednn is not None, "torch's oneDNN linear op is gone: decode falls back"
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
-    for shape in [(1, 32), (2, 32), (1, 3, 32), (4, 1, 32), (5, 32), (2, 4, 32)]:
+    for shape in [(1, 32), (2, 32), (1, 3, 32), (4, 1, 32), (5, 32), (2, 4, 32), (9, 32)]:
         x = torch.randn(*shape, generator=g)
         for bias, pooled in itertools.product((None, b), (False, True)):
             decoder._local.pooled = pooled
@@ -524,7 +547,7 @@ def test_decode_products_match_linear():
             torch.testing.assert_close(y, F.linear(x, w, bias))
 
 
-def test_decode_threads_match_one_thread(tiny_model, tiny_cfg, monkeypatch):
+def test_decode_threads_match_one_thread(tiny_model, tiny_cfg, monkeypatch, decode_kernels):
     """Big products split over a pool (experts; the rows of attention, MLP and lm_head weights),
     no autograd, inference mode or not: the outputs of one thread and of a plain forward to
     rounding, the same engine tokens, and the pool really runs them; with grad enabled, or
@@ -549,6 +572,10 @@ def test_decode_threads_match_one_thread(tiny_model, tiny_cfg, monkeypatch):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(three, one))
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(three, plain))
     assert names - {threading.current_thread().name}, "the pool never ran a product"
+    if decode_kernels == "fewrow":  # split over the pool (this thread takes part 0)
+        assert threading.current_thread().name in names.fewrow and len(names.fewrow) > 1
+    else:
+        assert not names.fewrow
     with decode_threads(3):  # grad on: the plain forward
         assert torch.equal(tiny_model(ids).detach(), plain[0])
 

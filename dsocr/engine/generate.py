@@ -42,6 +42,7 @@ from dsocr.engine.sampling import (
     apply_no_repeat_ngram,
     sample,
 )
+from dsocr.language import fewrow
 from dsocr.language.decoder import decode_threads
 
 FINISH_REASONS = ("eos", "length", "stop", "loop")
@@ -195,8 +196,9 @@ class Engine:
     ``torch.compile`` (the prefill stays eager). ``max_prefill_tokens`` bounds one prefill batch
     (padded tokens), except that one request is always admitted. ``decode_threads`` (default on
     CPU: torch's thread count) runs prefill and decode forwards in
-    ``language.decoder.decode_threads``: CPU kernels picked for few-row products, and the big
-    ones (MoE experts, few-row products of the other weights) split over that many threads.
+    ``language.decoder.decode_threads``: CPU kernels picked for few-row products (``fewrow``, built
+    with the host's compiler on the first fp32 CPU engine), and the big ones (MoE experts, few-row
+    products of the other weights) split over that many threads.
     """
 
     def __init__(
@@ -231,6 +233,8 @@ class Engine:
         if decode_threads is None:
             decode_threads = torch.get_num_threads() if model.device.type == "cpu" else 1
         self.decode_threads = decode_threads
+        if model.device.type == "cpu" and dtype == torch.float32:
+            fewrow.load()  # build the few-row kernel now, not inside the first decode step
         self.cache: KVCache | None = None
         self.waiting: deque[_Sequence] = deque()
         self.active: list[_Sequence] = []  # active[i] lives in cache row i

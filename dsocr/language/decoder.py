@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsocr.configs import LanguageConfig
+from dsocr.language import fewrow
 
 
 class RMSNorm(nn.Module):
@@ -220,10 +221,16 @@ def _run_split(n: int, fn, parts: list) -> list:
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by the kernel that streams ``weight`` fastest on a CPU for
-    x's row count: (W @ x.T).T for 2 rows, else oneDNN's linear (where torch has it, in fp32),
-    except for 1 row on a pool thread, where MKL's single-threaded GEMV does better beside the
-    other pool threads (docs/benchmarks/expert_gemv.md)."""
+    x's row count: ``fewrow`` for up to 8 rows where it is built (docs/benchmarks/expert_gemv.md),
+    else (W @ x.T).T for 2 rows, oneDNN's linear (where torch has it, in fp32), and MKL's GEMV
+    for 1 row on a pool thread."""
     rows = x.numel() // x.shape[-1]
+    if fewrow.usable(x, weight, rows):
+        x2 = x.reshape(rows, -1).contiguous()
+        y = x2.new_empty(rows, weight.shape[0])
+        fewrow.linear_into(x2, weight, y, 0, weight.shape[0])
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], -1)
     if rows == 1 and getattr(_local, "pooled", False):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, -1).contiguous()
@@ -239,14 +246,34 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return y.reshape(*x.shape[:-1], -1)
 
 
+def _split_fewrow(n: int, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """``F.linear`` by ``fewrow`` with the output range split over ``n`` threads."""
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, -1).contiguous()
+    O = weight.shape[0]
+    y = x2.new_empty(rows, O)
+    bounds = [O * i // n for i in range(n + 1)]
+    _run_split(
+        n,
+        lambda r: fewrow.linear_into(x2, weight, y, *r),
+        list(zip(bounds[:-1], bounds[1:])),
+    )
+    y = y if bias is None else y + bias
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)``; inside ``decode_threads(n)`` by ``_product``'s kernels, and for 2 to
-    ``SPLIT_MAX_ROWS`` rows with the weight's rows split over the n threads (one-row products are
-    as fast whole on oneDNN's threads, wider ones measured slower split)."""
+    """``layer(x)``; inside ``decode_threads(n)`` by ``_product``'s kernels, with the weight's
+    output rows split over the n threads for products ``fewrow`` takes (1 to 8 rows), or else for
+    2 to ``SPLIT_MAX_ROWS`` rows (oneDNN runs one-row products as fast whole on its own threads,
+    and wider ones measured slower split)."""
     n = _decoding(x, layer.weight)
     if n is None:
         return layer(x)
-    if n < 2 or not 2 <= x.numel() // x.shape[-1] <= SPLIT_MAX_ROWS:
+    rows = x.numel() // x.shape[-1]
+    if n >= 2 and fewrow.usable(x, layer.weight, rows):
+        return _split_fewrow(n, x, layer.weight, layer.bias)
+    if n < 2 or not 2 <= rows <= SPLIT_MAX_ROWS:
         return _product(x, layer.weight, layer.bias)
     weights = layer.weight.chunk(n)
     biases = [None] * n if layer.bias is None else layer.bias.chunk(n)

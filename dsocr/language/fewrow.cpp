@@ -1,0 +1,94 @@
+// Few-row fp32 products for CPU decode: y[r, o] = sum_k x[r, k] * W[o, k], 1 <= R <= 8 rows.
+//
+// At decode a weight sees one to eight rows, so the product is bound by streaming W from memory.
+// MKL's and oneDNN's kernels stream it at 6-20 GB/s of a 32 GB/s machine for these shapes
+// (docs/benchmarks/expert_gemv.md); this one reads each W row once, for all R rows of x, with
+// NO rows of W in flight per block and the next block prefetched. Single-threaded: callers split
+// the output range [o0, o1) over their own threads. Built by dsocr/language/fewrow.py with the
+// host's compiler (-O3 -march=native); GCC/Clang vector extensions, no intrinsics, so it builds
+// on any target (AVX-512 gets 16-lane vectors, anything else 8).
+#include <cstring>
+
+#if defined(__AVX512F__)
+#define VL 16
+#define NO(wide, narrow) wide
+typedef float vec __attribute__((vector_size(64)));
+typedef float half_vec __attribute__((vector_size(32)));
+#else
+#define VL 8
+#define NO(wide, narrow) narrow
+typedef float vec __attribute__((vector_size(32)));
+#endif
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof(vec));  // unaligned load
+  return v;
+}
+
+static inline float hsum(vec v) {
+#if VL == 16
+  half_vec a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  vec a = v;
+#endif
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// R rows of x (row stride K), NO outputs per block.
+template <int R, int NO>
+static void gemm(const float* __restrict x, long K, const float* __restrict W, long o0, long o1,
+                 float* __restrict y, long ldy) {
+  long o = o0;
+  for (; o + NO <= o1; o += NO) {
+    vec acc[NO][R];
+    for (int j = 0; j < NO; j++)
+      for (int r = 0; r < R; r++) acc[j][r] = vec{};
+    const float* w = W + o * K;
+    long k = 0;
+    for (; k + VL <= K; k += VL) {
+      vec wv[NO];
+      for (int j = 0; j < NO; j++) wv[j] = load(w + j * K + k);
+      for (int j = 0; j < NO; j++) __builtin_prefetch(w + (NO + j) * K + k + 64);
+      for (int r = 0; r < R; r++) {
+        vec xv = load(x + r * K + k);
+        asm("" : "+v"(xv));  // keep x in a register: a folded load would read it NO times
+        for (int j = 0; j < NO; j++) acc[j][r] += wv[j] * xv;
+      }
+    }
+    for (int j = 0; j < NO; j++)
+      for (int r = 0; r < R; r++) {
+        float s = hsum(acc[j][r]);
+        for (long t = k; t < K; t++) s += x[r * K + t] * w[j * K + t];
+        y[r * ldy + o + j] = s;
+      }
+  }
+  for (; o < o1; o++) {  // the last o1 - o0 mod NO outputs
+    const float* w = W + o * K;
+    for (int r = 0; r < R; r++) {
+      float s = 0.f;
+      for (long t = 0; t < K; t++) s += x[r * K + t] * w[t];
+      y[r * ldy + o] = s;
+    }
+  }
+}
+
+// x (R, K) and W (O, K) row-major and contiguous; writes y[r * ldy + o] for o in [o0, o1).
+// Returns 0, or -1 when R is out of range (nothing written).
+extern "C" int dsocr_fewrow(const float* x, long R, long K, const float* W, long o0, long o1,
+                            float* y, long ldy) {
+  switch (R) {  // NO per R: R * NO accumulators + NO + 1 in the 32 (AVX-512) or 16 registers
+    case 1: gemm<1, NO(8, 4)>(x, K, W, o0, o1, y, ldy); return 0;
+    case 2: gemm<2, NO(8, 4)>(x, K, W, o0, o1, y, ldy); return 0;
+    case 3: gemm<3, NO(6, 3)>(x, K, W, o0, o1, y, ldy); return 0;
+    case 4: gemm<4, NO(4, 2)>(x, K, W, o0, o1, y, ldy); return 0;
+    case 5: gemm<5, NO(4, 2)>(x, K, W, o0, o1, y, ldy); return 0;
+    case 6: gemm<6, NO(4, 2)>(x, K, W, o0, o1, y, ldy); return 0;
+    case 7: gemm<7, NO(3, 1)>(x, K, W, o0, o1, y, ldy); return 0;
+    case 8: gemm<8, NO(3, 1)>(x, K, W, o0, o1, y, ldy); return 0;
+  }
+  return -1;
+}

@@ -1,0 +1,157 @@
+"""The few-row CPU product of ``fewrow.cpp``, built with the host's C++ compiler on first use.
+
+``linear_into(x2, weight, y, o0, o1)`` writes ``y[:, o0:o1] = x2 @ weight[o0:o1].T`` for 1 to
+``MAX_ROWS`` fp32 rows, single-threaded, with the GIL released (ctypes does that), so callers
+split the output range over their own threads. ``language.decoder`` uses it inside
+``decode_threads``; everything else in dsocr runs without it.
+
+Gotchas:
+- It needs a C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``). Without one, or when the
+  build fails, ``available()`` is False and the decoder keeps torch's kernels; the reason is
+  logged once at INFO and kept in ``status()``.
+- The library is built with ``-march=native`` into ``$DSOCR_CACHE/kernels`` (default
+  ``$XDG_CACHE_HOME/dsocr`` or ``~/.cache/dsocr``) under a name hashed from the source, the
+  compiler command and this CPU's flags, so a cache shared between machines never loads a
+  library built for another CPU. It is written to a temporary file and renamed.
+- ``DSOCR_FEWROW=0`` turns it off.
+- Sums run in another order than MKL's or oneDNN's: results match them to float rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8
+SOURCE = Path(__file__).with_name("fewrow.cpp")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
+
+_lock = threading.Lock()
+_fn = None  # the ctypes function, once loaded
+_status: str | None = None  # None: not tried yet; "ok" or the reason it is off
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DSOCR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsocr"
+    )
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in [os.environ.get("CXX"), "c++", "g++", "clang++"]:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cxx: str) -> Path:
+    """Compile (or find in the cache) the shared library; returns its path."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([src, cxx.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
+    ).hexdigest()[:16]
+    out = cache_dir() / f"fewrow-{platform.machine()}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        subprocess.run(
+            [cxx, *FLAGS, str(SOURCE), "-o", tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        os.replace(tmp, out)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{cxx} failed: {(e.stderr or '').strip().splitlines()[-1:]}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load() -> bool:
+    """Build and load the kernel once per process; True when it is usable."""
+    global _fn, _status
+    if _status is not None:
+        return _fn is not None
+    with _lock:
+        if _status is not None:
+            return _fn is not None
+        reason = None
+        if os.environ.get("DSOCR_FEWROW", "1") == "0":
+            reason = "off (DSOCR_FEWROW=0)"
+        elif (cxx := _compiler()) is None:
+            reason = "off: no C++ compiler found ($CXX, c++, g++, clang++)"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(cxx)))
+                fn = lib.dsocr_fewrow
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+                fn.argtypes += [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+                fn.restype = ctypes.c_int
+                _fn = fn
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                reason = f"off: build failed ({e})"
+        _status = reason or "ok"
+        if reason:
+            log.info("fewrow kernel %s; decode uses torch's kernels", reason)
+    return _fn is not None
+
+
+def available() -> bool:
+    return load()
+
+
+def status() -> str:
+    """ "ok", or why the kernel is off (builds it first if not yet tried)."""
+    load()
+    return _status or "not tried"
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Whether ``linear_into`` takes this product: 1..MAX_ROWS rows, fp32 CPU tensors, a
+    contiguous weight, and a loaded kernel."""
+    return (
+        1 <= rows <= MAX_ROWS
+        and weight.dtype == torch.float32
+        and x.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and load()
+    )
+
+
+def linear_into(x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, o0: int, o1: int):
+    """``y[:, o0:o1] = x2 @ weight[o0:o1].T``; x2 (R, K) and y (R, O) contiguous fp32, weight
+    (O, K) contiguous fp32 (see ``usable``)."""
+    R, K = x2.shape
+    rc = _fn(x2.data_ptr(), R, K, weight.data_ptr(), o0, o1, y.data_ptr(), y.shape[1])
+    if rc:
+        raise ValueError(f"fewrow: {R} rows is outside 1..{MAX_ROWS}")

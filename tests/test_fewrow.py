@@ -1,0 +1,84 @@
+"""The few-row CPU kernel (language/fewrow.cpp): values, ranges, when it applies, its build."""
+
+import os
+
+import pytest
+import torch
+
+from dsocr.language import fewrow
+
+
+def _kernel():
+    """The built kernel; a compiler exists on every machine we test on, so a failed build is a
+    failure here, not a silent fallback."""
+    assert fewrow._compiler() is not None, "no C++ compiler: the decode kernel cannot be built"
+    assert fewrow.available(), fewrow.status()
+
+
+@pytest.mark.parametrize("rows", range(1, fewrow.MAX_ROWS + 1))
+def test_matches_matmul_on_any_range(rows):
+    """Every row count, inner sizes with and without a vector tail, output counts that do and do
+    not fill the kernel's blocks, split ranges; outside [o0, o1) nothing is written."""
+    _kernel()
+    g = torch.Generator().manual_seed(rows)
+    for K, O in [(32, 1), (45, 7), (1280, 53), (17, 96)]:
+        x, w = torch.randn(rows, K, generator=g), torch.randn(O, K, generator=g)
+        ref = x @ w.T
+        y = torch.full((rows, O), float("nan"))
+        fewrow.linear_into(x, w, y, 0, O)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+        a, b = O // 3, O - O // 4
+        y = torch.full((rows, O), float("nan"))
+        fewrow.linear_into(x, w, y, a, b)
+        torch.testing.assert_close(y[:, a:b], ref[:, a:b], rtol=1e-5, atol=1e-4)
+        outside = torch.cat([y[:, :a], y[:, b:]], 1)
+        assert outside.isnan().all()
+
+
+def test_usable_only_where_it_applies():
+    _kernel()
+    x, w = torch.randn(4, 32), torch.randn(48, 32)
+    assert fewrow.usable(x, w, 4)
+    assert not fewrow.usable(x, w, 0) and not fewrow.usable(x, w, fewrow.MAX_ROWS + 1)
+    assert not fewrow.usable(x.bfloat16(), w.bfloat16(), 4)
+    assert not fewrow.usable(x, torch.randn(32, 48).T, 4)  # not contiguous
+    with pytest.raises(ValueError, match="rows"):
+        fewrow.linear_into(torch.randn(9, 32), w, torch.empty(9, 48), 0, 48)
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSOCR_CACHE", str(tmp_path))
+    cxx = fewrow._compiler()
+    assert cxx is not None
+    path = fewrow._build(cxx)
+    assert path.parent == tmp_path / "kernels" and path.suffix == ".so"
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
+    mtime = path.stat().st_mtime_ns
+    assert fewrow._build(cxx) == path and path.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def _fresh(monkeypatch):
+    monkeypatch.setattr(fewrow, "_fn", None)
+    monkeypatch.setattr(fewrow, "_status", None)
+
+
+def test_off_switch_and_missing_compiler_fall_back(monkeypatch):
+    _fresh(monkeypatch)
+    monkeypatch.setenv("DSOCR_FEWROW", "0")
+    assert not fewrow.available() and "DSOCR_FEWROW=0" in fewrow.status()
+    assert not fewrow.usable(torch.randn(2, 32), torch.randn(48, 32), 2)
+    _fresh(monkeypatch)
+    monkeypatch.delenv("DSOCR_FEWROW")
+    monkeypatch.setattr(fewrow, "_compiler", lambda: None)
+    assert not fewrow.available() and "no C++ compiler" in fewrow.status()
+
+
+def test_failed_build_is_one_line_and_falls_back(tmp_path, monkeypatch):
+    _fresh(monkeypatch)
+    bad = tmp_path / "fewrow.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(fewrow, "SOURCE", bad)
+    monkeypatch.setenv("DSOCR_CACHE", str(tmp_path / "cache"))
+    assert not fewrow.available()
+    assert fewrow.status().startswith("off: build failed") and "\n" not in fewrow.status()
+    assert not any(p.suffix == ".tmp" for p in (tmp_path / "cache" / "kernels").iterdir())
