@@ -493,8 +493,8 @@ def test_image_placeholder_is_never_generated(tiny_cfg):
 
 def _product_thread_names(monkeypatch):
     """A set that collects the name of each thread running a big product of ``decoder.linear``
-    (with every matrix counted as big), by ``_product`` or by a split over ``fewrow``; the
-    threads of the latter also go to ``names.fewrow``."""
+    (with every matrix counted as big), by ``_product`` or by ``fewrow``; ``names.fewrow`` gets
+    (thread name, threads asked of fewrow) for the latter."""
     monkeypatch.setattr(decoder, "POOL_MIN_BYTES", 0)
 
     class Names(set):
@@ -507,10 +507,10 @@ def _product_thread_names(monkeypatch):
         names.add(threading.current_thread().name)
         return product(*args)
 
-    def recording_into(*args):
+    def recording_into(*args, threads=1):
         names.add(threading.current_thread().name)
-        names.fewrow.add(threading.current_thread().name)
-        return into(*args)
+        names.fewrow.add((threading.current_thread().name, threads))
+        return into(*args, threads=threads)
 
     monkeypatch.setattr(decoder, "_product", recording)
     monkeypatch.setattr(fewrow, "linear_into", recording_into)
@@ -566,14 +566,18 @@ def test_decode_threads_match_one_thread(tiny_model, tiny_cfg, monkeypatch, deco
     with torch.no_grad(), decode_threads(1):
         one = forwards()
     assert names == {threading.current_thread().name}
+    me = threading.current_thread().name
+    assert names.fewrow <= {(me, 1)}
+    names.fewrow.clear()
     for mode in (torch.no_grad, torch.inference_mode):
         with mode(), decode_threads(3):
             three = forwards()
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(three, one))
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(three, plain))
-    assert names - {threading.current_thread().name}, "the pool never ran a product"
-    if decode_kernels == "fewrow":  # split over the pool (this thread takes part 0)
-        assert threading.current_thread().name in names.fewrow and len(names.fewrow) > 1
+    assert names - {me}, "the pool never ran a product"
+    if decode_kernels == "fewrow":  # experts on the pool, one thread each; the rest on 3 threads
+        assert (me, 3) in names.fewrow
+        assert {t for n, t in names.fewrow if n != me} == {1}
     else:
         assert not names.fewrow
     with decode_threads(3):  # grad on: the plain forward
@@ -585,9 +589,11 @@ def test_decode_threads_match_one_thread(tiny_model, tiny_cfg, monkeypatch, deco
     reqs = [Request(q, p, image_embeds=e) for q, e in zip(prompts, embeds)]
     one = Engine(tiny_model, max_batch_size=4, decode_threads=1).generate(reqs)
     assert names == {threading.current_thread().name}
+    names.fewrow.clear()
     two = Engine(tiny_model, max_batch_size=4, decode_threads=2).generate(reqs)
     assert [r.token_ids for r in two] == [r.token_ids for r in one]
     assert any(n.startswith("dsocr-decode") for n in names)
+    assert (me, 2) in names.fewrow if decode_kernels == "fewrow" else not names.fewrow
 
 
 def test_decode_threads_are_per_calling_thread(tiny_model, tiny_cfg, monkeypatch):

@@ -1,6 +1,7 @@
 """The few-row CPU kernel (language/fewrow.cpp): values, ranges, when it applies, its build."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -33,6 +34,46 @@ def test_matches_matmul_on_any_range(rows):
         torch.testing.assert_close(y[:, a:b], ref[:, a:b], rtol=1e-5, atol=1e-4)
         outside = torch.cat([y[:, :a], y[:, b:]], 1)
         assert outside.isnan().all()
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_threaded_matches_one_thread(threads):
+    """Split over OpenMP threads: the values of one thread, bit for bit (each output is summed by
+    one thread in the same order), for ranges that split into fewer parts than threads."""
+    _kernel()
+    g = torch.Generator().manual_seed(threads)
+    for rows, K, O in [(1, 1280, 896), (8, 64, 1000), (3, 33, 30), (2, 16, 5)]:
+        x, w = torch.randn(rows, K, generator=g), torch.randn(O, K, generator=g)
+        one, many = torch.full((rows, O), float("nan")), torch.full((rows, O), float("nan"))
+        fewrow.linear_into(x, w, one, 1, O, threads=1)
+        fewrow.linear_into(x, w, many, 1, O, threads=threads)
+        assert torch.equal(many[:, 1:], one[:, 1:]) and many[:, 0].isnan().all()
+
+
+def test_concurrent_callers_get_their_own_results():
+    """Python threads calling at once (the server's engine beside another): each call gets its
+    own OpenMP team, and every result is right."""
+    _kernel()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 256, generator=g)
+    xs = [torch.randn(1 + i % 8, 256, generator=g) for i in range(8)]
+    refs = [x @ w.T for x in xs]
+    bad = []
+
+    def work(i):
+        y = torch.empty(xs[i].shape[0], 512)
+        for _ in range(200):
+            fewrow.linear_into(xs[i], w, y, 0, 512, threads=2)
+            if not torch.allclose(y, refs[i], rtol=1e-5, atol=1e-4):
+                bad.append(i)
+                return
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts) and not bad
 
 
 def test_usable_only_where_it_applies():

@@ -164,15 +164,15 @@ def onednn_linear(x2: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Te
 @contextlib.contextmanager
 def decode_threads(n: int):
     """Within this block, this thread's CPU forwards without autograd pick the fastest product
-    per shape for decode, and split the big ones over ``n`` threads (<= 1: all on this thread):
-    a MoE layer's experts (each thread takes every n-th), and the rows of the other big weights
-    (attention, dense and shared MLPs, ``lm_head``) for products of up to ``SPLIT_MAX_ROWS`` rows.
+    per shape for decode, and split the big ones over ``n`` threads (<= 1: all on this thread).
 
     At decode each product sees a few rows. MKL's ``F.linear`` runs those as single-threaded GEMVs
-    streaming about 12 GB/s of a 33 GB/s machine, and wider few-row products slower still (5 GB/s
-    for ``lm_head`` at 8 rows); oneDNN's linear, and ``(W @ x.T).T`` at 2 rows, stream several
-    times faster, and ``n`` Python threads (torch releases the GIL inside kernels) stream n
-    products at once (bench/expert_gemv.py, docs/benchmarks/expert_gemv.md). Different kernels
+    streaming about 12 GB/s of a 32 GB/s machine, and wider few-row products slower still (6 GB/s
+    for ``lm_head`` at 8 rows). Where ``fewrow`` is built, every product of 1 to 8 rows runs on
+    it, split over n threads of its own pool. Elsewhere oneDNN's linear, and ``(W @ x.T).T`` at 2
+    rows, stream several times faster than ``F.linear``, and ``n`` Python threads (torch releases
+    the GIL inside kernels) take a MoE layer's experts (each thread every n-th) and the rows of
+    2-4 row products (bench/expert_gemv.py, docs/benchmarks/expert_gemv.md). Different kernels
     round differently, so results match those outside the block, and across ``n``, to float
     rounding, not bit for bit. The setting is per calling thread; with grad enabled, and for
     matrices under ``POOL_MIN_BYTES``, everything is as outside the block.
@@ -247,17 +247,13 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def _split_fewrow(n: int, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """``F.linear`` by ``fewrow`` with the output range split over ``n`` threads."""
+    """``F.linear`` by ``fewrow`` on ``n`` of torch's OpenMP threads (not our Python pool, whose
+    dispatch costs more than the product: in an interleaved A/B at official size, 5.5 against
+    5.3 tok/s at batch 1 and 16.9 against 15.0 at batch 8, medians of 6)."""
     rows = x.numel() // x.shape[-1]
     x2 = x.reshape(rows, -1).contiguous()
-    O = weight.shape[0]
-    y = x2.new_empty(rows, O)
-    bounds = [O * i // n for i in range(n + 1)]
-    _run_split(
-        n,
-        lambda r: fewrow.linear_into(x2, weight, y, *r),
-        list(zip(bounds[:-1], bounds[1:])),
-    )
+    y = x2.new_empty(rows, weight.shape[0])
+    fewrow.linear_into(x2, weight, y, 0, weight.shape[0], threads=n)
     y = y if bias is None else y + bias
     return y.reshape(*x.shape[:-1], -1)
 
@@ -311,9 +307,17 @@ class MoE(nn.Module):
             for e, a, b in part:
                 out[a:b] = self.experts[e](tokens[a:b]).float()
 
-        k = _decoding(x, self.experts[0].gate_proj.weight)
-        # One row per expert (batch 1): as fast inline on oneDNN's threads, without the dispatch.
-        if k is not None and k > 1 and len(spans) > 1 and max(counts) > 1:
+        w0 = self.experts[0].gate_proj.weight
+        k = _decoding(x, w0)
+        # Whole experts per pool thread (on fewrow's single-thread kernel, or torch's), except at
+        # one row per expert (batch 1) on torch's kernels, which oneDNN runs as fast inline on its
+        # own threads. The pool's two Python threads overlap one expert's Python with another's
+        # product: experts inline with each product on fewrow's OpenMP threads were slower
+        # (official size, batch 8, two 4-run profiles minutes apart: 14.5-19.8 against 19.0-20.9
+        # tok/s), and at batch 1 pooled beat inline experts on Python-split products (medians of
+        # 8 interleaved runs: 4.5 against 3.5 tok/s).
+        pool = max(counts) > 1 or fewrow.usable(x, w0, 1)
+        if k is not None and k > 1 and len(spans) > 1 and pool:
             _run_split(k, run, [spans[i::k] for i in range(k)])
         else:
             run(spans)

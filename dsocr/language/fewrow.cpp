@@ -3,8 +3,8 @@
 // At decode a weight sees one to eight rows, so the product is bound by streaming W from memory.
 // MKL's and oneDNN's kernels stream it at 6-20 GB/s of a 32 GB/s machine for these shapes
 // (docs/benchmarks/expert_gemv.md); this one reads each W row once, for all R rows of x, with
-// NO rows of W in flight per block and the next block prefetched. Single-threaded: callers split
-// the output range [o0, o1) over their own threads. Built by dsocr/language/fewrow.py with the
+// NO rows of W in flight per block and the next block prefetched, its output range split over
+// OpenMP threads (below). Built by dsocr/language/fewrow.py with the
 // host's compiler (-O3 -march=native); GCC/Clang vector extensions, no intrinsics, so it builds
 // on any target (AVX-512 gets 16-lane vectors, anything else 8).
 #include <cstring>
@@ -76,10 +76,8 @@ static void gemm(const float* __restrict x, long K, const float* __restrict W, l
   }
 }
 
-// x (R, K) and W (O, K) row-major and contiguous; writes y[r * ldy + o] for o in [o0, o1).
-// Returns 0, or -1 when R is out of range (nothing written).
-extern "C" int dsocr_fewrow(const float* x, long R, long K, const float* W, long o0, long o1,
-                            float* y, long ldy) {
+static int fewrow(const float* x, long R, long K, const float* W, long o0, long o1, float* y,
+                  long ldy) {
   switch (R) {  // NO per R: R * NO accumulators + NO + 1 in the 32 (AVX-512) or 16 registers
     case 1: gemm<1, NO(8, 4)>(x, K, W, o0, o1, y, ldy); return 0;
     case 2: gemm<2, NO(8, 4)>(x, K, W, o0, o1, y, ldy); return 0;
@@ -91,4 +89,38 @@ extern "C" int dsocr_fewrow(const float* x, long R, long K, const float* W, long
     case 8: gemm<8, NO(3, 1)>(x, K, W, o0, o1, y, ldy); return 0;
   }
   return -1;
+}
+
+// Threads: an OpenMP parallel loop over parts of the output range. Built with -fopenmp the
+// library needs libgomp.so.1, which torch has already loaded, so the parts run on torch's own
+// intra-op threads: nothing competes with them for the cores, and their hand-off takes
+// microseconds (a Python thread pool's costs ~300 us here; a second pool of spinning threads
+// starves torch's). Without OpenMP the pragma is ignored and all parts run on the caller.
+namespace {
+constexpr long ALIGN = 24;  // a multiple of every block width NO, so parts split no block
+}
+
+// x (R, K) and W (O, K) row-major and contiguous; writes y[r * ldy + o] for o in [o0, o1), on
+// up to `threads` threads. Returns 0, or -1 when R is out of range (nothing written).
+extern "C" int dsocr_fewrow(const float* x, long R, long K, const float* W, long o0, long o1,
+                            float* y, long ldy, int threads) {
+  if (R < 1 || R > 8) return -1;
+  long span = o1 - o0;
+  if (threads < 2 || span < 2 * ALIGN) return fewrow(x, R, K, W, o0, o1, y, ldy);
+  long chunk = ((span + threads - 1) / threads + ALIGN - 1) / ALIGN * ALIGN;
+  int parts = (int)((span + chunk - 1) / chunk);
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int i = 0; i < parts; i++) {
+    long a = o0 + i * chunk, b = a + chunk < o1 ? a + chunk : o1;
+    fewrow(x, R, K, W, a, b, y, ldy);
+  }
+  return 0;
+}
+
+extern "C" int dsocr_fewrow_threaded() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }

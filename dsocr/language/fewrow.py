@@ -1,19 +1,22 @@
 """The few-row CPU product of ``fewrow.cpp``, built with the host's C++ compiler on first use.
 
-``linear_into(x2, weight, y, o0, o1)`` writes ``y[:, o0:o1] = x2 @ weight[o0:o1].T`` for 1 to
-``MAX_ROWS`` fp32 rows, single-threaded, with the GIL released (ctypes does that), so callers
-split the output range over their own threads. ``language.decoder`` uses it inside
-``decode_threads``; everything else in dsocr runs without it.
+``linear_into(x2, weight, y, o0, o1, threads)`` writes ``y[:, o0:o1] = x2 @ weight[o0:o1].T`` for
+1 to ``MAX_ROWS`` fp32 rows, with the GIL released (ctypes does that), split over ``threads``
+OpenMP threads: torch's own, since the library links the libgomp that torch has loaded (a Python
+thread pool's dispatch costs ~300 us here, more than the product of a 6.5 MB weight).
+``language.decoder`` uses it inside ``decode_threads``; nothing else in dsocr does.
 
 Gotchas:
-- It needs a C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``). Without one, or when the
-  build fails, ``available()`` is False and the decoder keeps torch's kernels; the reason is
-  logged once at INFO and kept in ``status()``.
+- It needs a C++ compiler with OpenMP (``$CXX``, else ``c++``/``g++``/``clang++``, with
+  ``-fopenmp``). Without one, or when the build fails, ``available()`` is False and the decoder
+  keeps torch's kernels; the reason is logged once at INFO and kept in ``status()``.
 - The library is built with ``-march=native`` into ``$DSOCR_CACHE/kernels`` (default
   ``$XDG_CACHE_HOME/dsocr`` or ``~/.cache/dsocr``) under a name hashed from the source, the
   compiler command and this CPU's flags, so a cache shared between machines never loads a
   library built for another CPU. It is written to a temporary file and renamed.
 - ``DSOCR_FEWROW=0`` turns it off.
+- Like torch's own OpenMP kernels, it hangs in a child forked after the parent used OpenMP
+  (libgomp's threads do not survive fork): use spawned processes, as dsocr does.
 - Sums run in another order than MKL's or oneDNN's: results match them to float rounding.
 """
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
 SOURCE = Path(__file__).with_name("fewrow.cpp")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-fopenmp"]
 
 _lock = threading.Lock()
 _fn = None  # the ctypes function, once loaded
@@ -115,8 +118,12 @@ def load() -> bool:
                 fn = lib.dsocr_fewrow
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
                 fn.argtypes += [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+                fn.argtypes += [ctypes.c_int]
                 fn.restype = ctypes.c_int
-                _fn = fn
+                if lib.dsocr_fewrow_threaded():
+                    _fn = fn
+                else:
+                    reason = "off: built without OpenMP (it would run on one thread)"
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 reason = f"off: build failed ({e})"
         _status = reason or "ok"
@@ -148,10 +155,14 @@ def usable(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     )
 
 
-def linear_into(x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, o0: int, o1: int):
-    """``y[:, o0:o1] = x2 @ weight[o0:o1].T``; x2 (R, K) and y (R, O) contiguous fp32, weight
-    (O, K) contiguous fp32 (see ``usable``)."""
+def linear_into(
+    x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, o0: int, o1: int, threads: int = 1
+):
+    """``y[:, o0:o1] = x2 @ weight[o0:o1].T`` on up to ``threads`` OpenMP threads (torch's); x2
+    (R, K) and y (R, O) contiguous fp32, weight (O, K) contiguous fp32 (see ``usable``)."""
+    if _fn is None and not load():
+        raise RuntimeError(f"fewrow kernel {status()}")
     R, K = x2.shape
-    rc = _fn(x2.data_ptr(), R, K, weight.data_ptr(), o0, o1, y.data_ptr(), y.shape[1])
+    rc = _fn(x2.data_ptr(), R, K, weight.data_ptr(), o0, o1, y.data_ptr(), y.shape[1], threads)
     if rc:
         raise ValueError(f"fewrow: {R} rows is outside 1..{MAX_ROWS}")
