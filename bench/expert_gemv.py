@@ -10,10 +10,13 @@ weight bytes are consumed by:
 - ``(W @ x.T).T``, the same product with the other operand order;
 - oneDNN's linear (``language.decoder.onednn_linear``, torch's ``mkldnn._linear_pointwise``);
 - ``F.linear`` split over two or four Python threads (torch releases the GIL inside the kernel);
+- ``language.fewrow`` (our few-row kernel) on one thread, on two Python threads (how the engine
+  runs experts), and with each product split over two OpenMP threads;
 
 for 1, 2, 3, 4 and 8 rows, at ``--threads`` intra-op threads. A second table times one matrix of
 ``lm_head``'s shape (129,280 x 1,280, 662 MB): ``F.linear`` and oneDNN against
-``language.decoder.linear`` inside ``decode_threads(2)`` and ``(4)`` (what the engine runs).
+``language.decoder.linear`` inside ``decode_threads(2)`` and ``(4)`` (what the engine runs: fewrow
+on torch's threads where it is built), and ``decode_threads(2)`` with fewrow switched off.
 Best of ``--repeats``, the variants interleaved. Writes docs/benchmarks/expert_gemv.md.
 
     python bench/expert_gemv.py
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from dsocr.eval.run import header_lines, run_info
 from dsocr.fileio import note_block, save_report
+from dsocr.language import decoder, fewrow
 from dsocr.language.decoder import decode_threads, linear, onednn_linear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +88,22 @@ def main(argv=None) -> int:
     def threaded(x, k):
         return [p.result() for p in [pool.submit(linears, weights[i::k], x) for i in range(k)]]
 
+    def fewrows(ws, x, ys, threads=1):
+        for w, y in zip(ws, ys):
+            fewrow.linear_into(x, w, y, 0, w.shape[0], threads)
+
+    def fewrow_threaded(x, ys, k):
+        parts = [pool.submit(fewrows, weights[i::k], x, ys[i::k]) for i in range(k)]
+        return [p.result() for p in parts]
+
+    has_fewrow = fewrow.available()
+    print("fewrow:", fewrow.status(), flush=True)
+
     stream = rate(lambda: big.sum(), big.numel() * 4, args.repeats)
     rows = []
     for n in (int(r) for r in args.rows.split(",")):
         x = torch.randn(n, 1280, generator=g)
+        ys = [torch.empty(n, 896) for _ in weights]
         variants = {
             "F.linear": lambda x=x: linears(weights, x),
             "(W @ x.T).T": lambda x=x: [(w @ x.T).T for w in weights],
@@ -95,15 +111,25 @@ def main(argv=None) -> int:
             "F.linear, 2 Python threads": lambda x=x: threaded(x, 2),
             "F.linear, 4 Python threads": lambda x=x: threaded(x, 4),
         }
+        if has_fewrow:
+            variants["fewrow"] = lambda x=x, ys=ys: fewrows(weights, x, ys)
+            variants["fewrow, 2 Python threads"] = lambda x=x, ys=ys: fewrow_threaded(x, ys, 2)
+            variants["fewrow, 2 OpenMP threads"] = lambda x=x, ys=ys: fewrows(weights, x, ys, 2)
         rows.append((n, best_rates(variants, nbytes, args.repeats)))
         print(n, {k: round(v, 1) for k, v in rows[-1][1].items()}, flush=True)
     weights.clear()  # free 880 MB before the lm_head matrix
     head = torch.nn.Linear(1280, 129280, bias=False)
     head_bytes = head.weight.numel() * 4
 
-    def split(x, k):
-        with torch.no_grad(), decode_threads(k):
-            return linear(x, head)
+    def split(x, k, kernels=True):
+        usable = fewrow.usable
+        if not kernels:
+            decoder.fewrow.usable = lambda *a: False
+        try:
+            with torch.no_grad(), decode_threads(k):
+                return linear(x, head)
+        finally:
+            decoder.fewrow.usable = usable
 
     head_rows = []
     for n in (1, 2, 8):
@@ -113,6 +139,7 @@ def main(argv=None) -> int:
             "oneDNN": lambda x=x: onednn_linear(x, head.weight),
             "linear, decode_threads(2)": lambda x=x: split(x, 2),
             "linear, decode_threads(4)": lambda x=x: split(x, 4),
+            "linear, decode_threads(2), fewrow off": lambda x=x: split(x, 2, False),
         }
         head_rows.append((n, best_rates(variants, head_bytes, args.repeats)))
         print("lm_head", n, {k: round(v, 1) for k, v in head_rows[-1][1].items()}, flush=True)

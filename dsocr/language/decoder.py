@@ -249,7 +249,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def _split_fewrow(n: int, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """``F.linear`` by ``fewrow`` on ``n`` of torch's OpenMP threads (not our Python pool, whose
     dispatch costs more than the product: in an interleaved A/B at official size, 5.5 against
-    5.3 tok/s at batch 1 and 16.9 against 15.0 at batch 8, medians of 6)."""
+    5.3 tok/s at batch 1 and 16.9 against 15.2 at batch 8, medians of 6)."""
     rows = x.numel() // x.shape[-1]
     x2 = x.reshape(rows, -1).contiguous()
     y = x2.new_empty(rows, weight.shape[0])
