@@ -98,6 +98,15 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert fewrow._build(cxx) == path and path.stat().st_mtime_ns == mtime  # not rebuilt
 
 
+def test_unwritable_cache_builds_in_the_temporary_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DSOCR_CACHE", str(blocker / "cache"))  # cannot be created, even by root
+    monkeypatch.setattr(fewrow.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = fewrow._build(fewrow._compiler())
+    assert path.parent == tmp_path / "tmp" / f"dsocr-kernels-{os.getuid()}" and path.exists()
+
+
 def _fresh(monkeypatch):
     monkeypatch.setattr(fewrow, "_fn", None)
     monkeypatch.setattr(fewrow, "_status", None)

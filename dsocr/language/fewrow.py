@@ -13,7 +13,8 @@ Gotchas:
 - The library is built with ``-march=native`` into ``$DSOCR_CACHE/kernels`` (default
   ``$XDG_CACHE_HOME/dsocr`` or ``~/.cache/dsocr``) under a name hashed from the source, the
   compiler command and this CPU's flags, so a cache shared between machines never loads a
-  library built for another CPU. It is written to a temporary file and renamed.
+  library built for another CPU (where that folder cannot be written: the temporary folder). It
+  is written to a temporary file and renamed.
 - ``DSOCR_FEWROW=0`` turns it off.
 - Like torch's own OpenMP kernels, it hangs in a child forked after the parent used OpenMP
   (libgomp's threads do not survive fork): use spawned processes, as dsocr does.
@@ -76,10 +77,19 @@ def _build(cxx: str) -> Path:
     key = hashlib.sha256(
         b"\0".join([src, cxx.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
-    out = cache_dir() / f"fewrow-{platform.machine()}-{key}.so"
+    name = f"fewrow-{platform.machine()}-{key}.so"
+    out = cache_dir() / name
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(out.parent)
+    except OSError:  # a read-only home: build into the temporary folder instead
+        out = Path(tempfile.gettempdir()) / f"dsocr-kernels-{os.getuid()}" / name
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
     os.close(fd)
     try:
