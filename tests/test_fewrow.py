@@ -102,9 +102,13 @@ def test_unwritable_cache_builds_in_the_temporary_folder(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("DSOCR_CACHE", str(blocker / "cache"))  # cannot be created, even by root
+    (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(fewrow.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     path = fewrow._build(fewrow._compiler())
     assert path.parent == tmp_path / "tmp" / f"dsocr-kernels-{os.getuid()}" and path.exists()
+    path.parent.chmod(0o777)  # others could plant a library there: refuse to use it
+    with pytest.raises(PermissionError, match="not this user's"):
+        fewrow._build(fewrow._compiler())
 
 
 def _fresh(monkeypatch):

@@ -87,9 +87,12 @@ def _build(cxx: str) -> Path:
             raise PermissionError(out.parent)
     except OSError:  # a read-only home: build into the temporary folder instead
         out = Path(tempfile.gettempdir()) / f"dsocr-kernels-{os.getuid()}" / name
+        out.parent.mkdir(mode=0o700, exist_ok=True)
+        st = out.parent.stat()  # a shared folder: load nothing another user could have put there
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise PermissionError(f"{out.parent} is not this user's alone") from None
         if out.exists():
             return out
-        out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
     os.close(fd)
     try:
@@ -102,7 +105,8 @@ def _build(cxx: str) -> Path:
         )
         os.replace(tmp, out)
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"{cxx} failed: {(e.stderr or '').strip().splitlines()[-1:]}") from e
+        last = ((e.stderr or "").strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{cxx} failed: {last}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
