@@ -153,6 +153,9 @@ def cmd_info(args) -> int:
     print(f"model:      {ocr.source} ({cfg.name})")
     print(f"parameters: {n:,}")
     print(f"tokenizer:  {len(ocr.tokenizer)} tokens, <image> = {ocr.tokenizer.image_id}")
+    from dsocr.language import fewrow
+
+    print(f"cpu kernel: fewrow {fewrow.status()} (few-row decode products, fp32)")
     return 0
 
 

@@ -91,6 +91,12 @@ def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
         dsocr.load_model()
 
 
+def test_cli_info_names_the_model_and_the_cpu_kernel(capsys):
+    assert main(["info", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "(tiny)" in out and "cpu kernel: fewrow ok" in out
+
+
 def test_cli_tokens(capsys):
     assert main(["tokens", "1920", "1280"]) == 0
     out = capsys.readouterr().out
