@@ -169,7 +169,9 @@ def decode_threads(n: int):
     At decode each product sees a few rows. MKL's ``F.linear`` runs those as single-threaded GEMVs
     streaming about 12 GB/s of a 32 GB/s machine, and wider few-row products slower still (6 GB/s
     for ``lm_head`` at 8 rows). Where ``fewrow`` is built, every product of 1 to 8 rows runs on
-    it, split over n threads of its own pool. Elsewhere oneDNN's linear, and ``(W @ x.T).T`` at 2
+    it: a MoE layer's experts whole on ``n`` Python threads (each every n-th expert, one thread
+    per product), the other weights' products split over ``n`` of torch's OpenMP threads.
+    Elsewhere oneDNN's linear, and ``(W @ x.T).T`` at 2
     rows, stream several times faster than ``F.linear``, and ``n`` Python threads (torch releases
     the GIL inside kernels) take a MoE layer's experts (each thread every n-th) and the rows of
     2-4 row products (bench/expert_gemv.py, docs/benchmarks/expert_gemv.md). Different kernels
@@ -226,11 +228,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     for 1 row on a pool thread."""
     rows = x.numel() // x.shape[-1]
     if fewrow.usable(x, weight, rows):
-        x2 = x.reshape(rows, -1).contiguous()
-        y = x2.new_empty(rows, weight.shape[0])
-        fewrow.linear_into(x2, weight, y, 0, weight.shape[0])
-        y = y if bias is None else y + bias
-        return y.reshape(*x.shape[:-1], -1)
+        return _fewrow_linear(x, weight, bias, 1)
     if rows == 1 and getattr(_local, "pooled", False):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, -1).contiguous()
@@ -246,7 +244,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return y.reshape(*x.shape[:-1], -1)
 
 
-def _split_fewrow(n: int, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def _fewrow_linear(x: torch.Tensor, weight: torch.Tensor, bias, n: int) -> torch.Tensor:
     """``F.linear`` by ``fewrow`` on ``n`` of torch's OpenMP threads (not our Python pool, whose
     dispatch costs more than the product: in an interleaved A/B at official size, 5.5 against
     5.3 tok/s at batch 1 and 16.9 against 15.2 at batch 8, medians of 6)."""
@@ -268,7 +266,7 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         return layer(x)
     rows = x.numel() // x.shape[-1]
     if n >= 2 and fewrow.usable(x, layer.weight, rows):
-        return _split_fewrow(n, x, layer.weight, layer.bias)
+        return _fewrow_linear(x, layer.weight, layer.bias, n)
     if n < 2 or not 2 <= rows <= SPLIT_MAX_ROWS:
         return _product(x, layer.weight, layer.bias)
     weights = layer.weight.chunk(n)
