@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from dsocr.configs import CONFIGS
 from dsocr.engine.generate import Engine, GenerationParams, Request, default_dtype
+from dsocr.language import fewrow
 from dsocr.model import build_model
 
 # --------------------------------------------------------------------------------------------------
@@ -408,6 +409,7 @@ def main(argv=None):
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         build_s=round(time.perf_counter() - t0, 1),
+        fewrow=fewrow.status() if device.type == "cpu" else None,  # the CPU decode kernel
     )
     if hf is not None:
         import transformers
