@@ -596,6 +596,28 @@ def test_decode_threads_match_one_thread(tiny_model, tiny_cfg, monkeypatch, deco
     assert (me, 2) in names.fewrow if decode_kernels == "fewrow" else not names.fewrow
 
 
+def test_decode_attention_kernel_matches_sdpa_in_the_engine(tiny_model, tiny_cfg, monkeypatch):
+    """Inside decode_threads one-query steps go to fewrow.decode_attention: the same engine
+    tokens as with sdpa, for image prompts of different lengths in one continuous batch."""
+    assert fewrow.available(), fewrow.status()
+    calls, attention = [], fewrow.decode_attention
+
+    def recording(*args):
+        calls.append(args[0].shape)
+        return attention(*args)
+
+    monkeypatch.setattr(fewrow, "decode_attention", recording)
+    prompts, embeds = _image_prompts(tiny_cfg)
+    p = GenerationParams(max_new_tokens=6, ignore_eos=True)
+    reqs = [Request(q, p, image_embeds=e) for q, e in zip(prompts, embeds)]
+    got = Engine(tiny_model, max_batch_size=2, decode_threads=2).generate(reqs)
+    assert calls and all(s[2] == 1 for s in calls)
+    monkeypatch.setattr(fewrow, "attention_usable", lambda *a: False)
+    calls.clear()
+    ref = Engine(tiny_model, max_batch_size=2, decode_threads=2).generate(reqs)
+    assert not calls and [r.token_ids for r in got] == [r.token_ids for r in ref]
+
+
 def test_decode_threads_are_per_calling_thread(tiny_model, tiny_cfg, monkeypatch):
     """An engine decoding in another thread (the server's) leaves this thread's forwards plain."""
     entered, release = threading.Event(), threading.Event()

@@ -136,3 +136,35 @@ def test_failed_build_is_one_line_and_falls_back(tmp_path, monkeypatch):
     assert not fewrow.available()
     assert fewrow.status().startswith("off: build failed") and "\n" not in fewrow.status()
     assert not any(p.suffix == ".tmp" for p in (tmp_path / "cache" / "kernels").iterdir())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_sdpa(threads):
+    """One query per row over its own number of cached slots (the engine's causal mask), head
+    sizes of the tiny, mini and official configs; slots past a row's length never matter."""
+    import torch.nn.functional as F
+
+    _kernel()
+    g = torch.Generator().manual_seed(threads)
+    for B, H, D, S_max in [(3, 4, 16, 9), (2, 6, 64, 40), (4, 10, 128, 300)]:
+        q = torch.randn(B, H, 1, D, generator=g)
+        k, v = torch.randn(B, H, S_max, D, generator=g), torch.randn(B, H, S_max, D, generator=g)
+        lengths = torch.tensor([1, S_max, *range(2, 2 + B - 2)][:B])
+        mask = (torch.arange(S_max)[None, :] < lengths[:, None])[:, None, None, :]
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        got = fewrow.decode_attention(q, k, v, lengths, threads)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        k2, v2 = k.clone(), v.clone()
+        for b, n in enumerate(lengths.tolist()):
+            k2[b, :, n:], v2[b, :, n:] = 1e4, float("nan")  # past the length: ignored
+        assert torch.equal(fewrow.decode_attention(q, k2, v2, lengths, threads), got)
+
+
+def test_decode_attention_usable_only_where_it_applies():
+    _kernel()
+    q, kv = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 8, 16)
+    assert fewrow.attention_usable(q, kv, kv)
+    assert not fewrow.attention_usable(torch.randn(2, 4, 2, 16), kv, kv)  # two queries
+    assert not fewrow.attention_usable(q[..., :8], kv[..., :8], kv[..., :8])  # head size 8
+    assert not fewrow.attention_usable(q, kv[:, :, :4], kv[:, :, :4])  # a non-contiguous slice
+    assert not fewrow.attention_usable(q.bfloat16(), kv.bfloat16(), kv.bfloat16())

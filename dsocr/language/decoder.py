@@ -96,6 +96,17 @@ class Attention(nn.Module):
             idx = positions[:, None, :, None].expand(B, self.num_heads, T, self.head_dim)
             k_buf.scatter_(2, idx, k.to(k_buf.dtype))
             v_buf.scatter_(2, idx, v.to(v_buf.dtype))
+            n = getattr(_local, "threads", None)
+            if (
+                n is not None
+                and T == 1
+                and self.use_sdpa
+                and not torch.is_grad_enabled()
+                and fewrow.attention_usable(q, k_buf, v_buf)
+            ):
+                # One query: row b attends to slots 0..positions[b], which is what mask says.
+                o = fewrow.decode_attention(q, k_buf, v_buf, positions[:, 0] + 1, max(n, 1))
+                return linear(o.transpose(1, 2).reshape(B, T, C), self.o_proj)
             S = mask.shape[-1]
             k, v = k_buf[:, :, :S], v_buf[:, :, :S]  # (B, nh, S, hs)
         if self.use_sdpa:

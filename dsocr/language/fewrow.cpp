@@ -124,3 +124,58 @@ extern "C" int dsocr_fewrow_threaded() {
   return 0;
 #endif
 }
+
+// Single-query attention for decode: for each of B*H (row, head) pairs, softmax(q . K[s] * scale)
+// over the first lengths[row] keys, times V. q, out (B, H, D); K, V (B, H, Smax, D), all
+// contiguous fp32. One pass over K, one over V, each (row, head) on one OpenMP thread; torch's
+// sdpa streams the cache at about 11 GB/s here. Returns 0, or -1 for a head size it does not take
+// (D a multiple of the vector width, at most 256).
+extern "C" int dsocr_decode_attention(const float* q, const float* K, const float* V,
+                                      const long* lengths, long B, long H, long D, long Smax,
+                                      float scale, float* out, int threads) {
+  constexpr long MAXV = 256 / VL;
+  if (D % VL || D > 256) return -1;
+  const long nv = D / VL;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long bh = 0; bh < B * H; bh++) {
+    const long L = lengths[bh / H];
+    const float* qv = q + bh * D;
+    const float* Kb = K + bh * Smax * D;
+    const float* Vb = V + bh * Smax * D;
+    float* o = out + bh * D;
+    if (L <= 0) {
+      for (long d = 0; d < D; d++) o[d] = 0.f;
+      continue;
+    }
+    float* p = new float[L];
+    vec qs[MAXV];
+    for (long j = 0; j < nv; j++) qs[j] = load(qv + j * VL);
+    float m = -__builtin_inff();
+    for (long s = 0; s < L; s++) {
+      const float* k = Kb + s * D;
+      vec acc = qs[0] * load(k);
+      for (long j = 1; j < nv; j++) acc += qs[j] * load(k + j * VL);
+      p[s] = hsum(acc) * scale;
+      m = p[s] > m ? p[s] : m;
+    }
+    float sum = 0.f;
+    for (long s = 0; s < L; s++) {
+      p[s] = __builtin_expf(p[s] - m);
+      sum += p[s];
+    }
+    vec acc[MAXV];
+    for (long j = 0; j < nv; j++) acc[j] = vec{};
+    for (long s = 0; s < L; s++) {
+      const float* v = Vb + s * D;
+      const float w = p[s];
+      for (long j = 0; j < nv; j++) acc[j] += w * load(v + j * VL);
+    }
+    const float inv = 1.f / sum;
+    for (long j = 0; j < nv; j++) {
+      vec r = acc[j] * inv;
+      std::memcpy(o + j * VL, &r, sizeof(vec));
+    }
+    delete[] p;
+  }
+  return 0;
+}
