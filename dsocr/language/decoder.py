@@ -15,8 +15,9 @@ Gotchas:
 - The KV cache is owned by the caller (``dsocr.engine``): a layer receives its (k, v) buffers and
   writes the new keys at slot == position. Positions must be distinct within a row.
 - Big products go through ``linear``: inside ``decode_threads`` (the engine's CPU decode step)
-  they use other kernels and threads than a plain forward, so decode logits match it to float
-  rounding, not bit for bit.
+  they use other kernels and threads than a plain forward, and one-query attention steps use
+  ``fewrow.decode_attention`` instead of sdpa, so decode logits match it to float rounding, not
+  bit for bit.
 
 Legend: B batch, T new tokens, S key slots, C hidden, nh heads, hs head size, E experts,
 A active experts per token, N = B*T flattened tokens.

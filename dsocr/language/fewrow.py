@@ -1,10 +1,11 @@
-"""The few-row CPU product of ``fewrow.cpp``, built with the host's C++ compiler on first use.
+"""The CPU decode kernels of ``fewrow.cpp``, built with the host's C++ compiler on first use.
 
 ``linear_into(x2, weight, y, o0, o1, threads)`` writes ``y[:, o0:o1] = x2 @ weight[o0:o1].T`` for
 1 to ``MAX_ROWS`` fp32 rows, with the GIL released (ctypes does that), split over ``threads``
 OpenMP threads: torch's own, since the library links the libgomp that torch has loaded (a Python
 thread pool's dispatch costs ~300 us here, more than the product of a 6.5 MB weight).
-``language.decoder`` uses it inside ``decode_threads``; nothing else in dsocr does.
+``decode_attention`` is the one-query attention of a decode step over the KV cache, in one pass
+per head. ``language.decoder`` uses both inside ``decode_threads``; nothing else in dsocr does.
 
 Gotchas:
 - It needs a C++ compiler with OpenMP (``$CXX``, else ``c++``/``g++``/``clang++``, with
