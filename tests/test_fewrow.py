@@ -113,6 +113,7 @@ def test_unwritable_cache_builds_in_the_temporary_folder(tmp_path, monkeypatch):
 
 def _fresh(monkeypatch):
     monkeypatch.setattr(fewrow, "_fn", None)
+    monkeypatch.setattr(fewrow, "_attn", None)
     monkeypatch.setattr(fewrow, "_status", None)
 
 

@@ -97,12 +97,11 @@ class Attention(nn.Module):
             idx = positions[:, None, :, None].expand(B, self.num_heads, T, self.head_dim)
             k_buf.scatter_(2, idx, k.to(k_buf.dtype))
             v_buf.scatter_(2, idx, v.to(v_buf.dtype))
-            n = getattr(_local, "threads", None)
+            n = _decode_setting(q)
             if (
                 n is not None
                 and T == 1
                 and self.use_sdpa
-                and not torch.is_grad_enabled()
                 and fewrow.attention_usable(q, k_buf, v_buf)
             ):
                 # One query: row b attends to slots 0..positions[b], which is what mask says.
@@ -214,14 +213,20 @@ def _in_pool(inference: bool, fn, *args):
         _local.pooled = previous
 
 
-def _decoding(x: torch.Tensor, weight: torch.Tensor) -> int | None:
-    """This thread's ``decode_threads`` count when it applies to ``x`` times ``weight`` (a CPU
-    forward without autograd inside the block, a matrix of at least ``POOL_MIN_BYTES``), else
-    None."""
+def _decode_setting(x: torch.Tensor) -> int | None:
+    """This thread's ``decode_threads`` count for a CPU forward of ``x`` without autograd inside
+    the block, else None."""
     n = getattr(_local, "threads", None)
     if n is None or x.device.type != "cpu" or torch.is_grad_enabled():
         return None
-    return n if weight.numel() * weight.element_size() >= POOL_MIN_BYTES else None
+    return n
+
+
+def _decoding(x: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """``_decode_setting(x)`` where ``weight`` is a matrix of at least ``POOL_MIN_BYTES``, else
+    None."""
+    n = _decode_setting(x)
+    return n if n is not None and weight.numel() * weight.element_size() >= POOL_MIN_BYTES else None
 
 
 def _run_split(n: int, fn, parts: list) -> list:
