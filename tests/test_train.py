@@ -17,7 +17,7 @@ from dsocr.configs import CONFIGS, Mode
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 from dsocr.model import build_model
 from dsocr.train.data import DataRecipe, load_corpus, make_batch, recipe_docs
-from dsocr.train.loop import TrainConfig, lr_at, train
+from dsocr.train.loop import TrainConfig, corrupt_inputs, lr_at, train
 from dsocr.weights import read_state_dict
 
 TOY_MODE = "test-tiny"
@@ -81,6 +81,25 @@ def test_batches_are_a_pure_function_of_step(tiny_cfg):
     # Labels train exactly the target text plus EOS.
     lab = a.labels[0][a.labels[0] != -100].tolist()
     assert lab[-1] == tok.eos_id and tok.decode(lab[:-1]) == a.targets[0]
+
+
+def test_input_noise_corrupts_only_target_inputs(tiny_cfg):
+    tok = Tokenizer(byte_tokenizer())
+    batch = make_batch(
+        _recipe(min_chars=60, max_chars=80), tok, tiny_cfg, step=0, rank=0, batch_size=4, seed=2
+    )
+    assert corrupt_inputs(batch, 0.0, seed=5) is batch
+    noisy = corrupt_inputs(batch, 0.3, seed=5)
+    again = corrupt_inputs(batch, 0.3, seed=5)
+    assert torch.equal(noisy.input_ids, again.input_ids)  # a resumed run sees the same noise
+    assert torch.equal(noisy.labels, batch.labels)
+    target = batch.labels != -100
+    changed = noisy.input_ids != batch.input_ids
+    assert not (changed & ~target).any()  # prompt, image and padding ids are never touched
+    share = changed.sum().item() / target.sum().item()
+    assert 0.1 < share < 0.35  # about 0.3, less the draws that picked the same id
+    # Replacements come from the batch's own target ids.
+    assert set(noisy.input_ids[changed].tolist()) <= set(batch.input_ids[target].tolist())
 
 
 def test_heldout_never_intersects_training(tmp_path):
@@ -195,10 +214,11 @@ def test_built_corpus_splits_are_disjoint():
     assert held and train and not train & held
 
 
-def test_resume_reaches_the_same_weights(tmp_path):
-    full = train(_cfg(tmp_path / "a"), log=lambda *_: None)
+@pytest.mark.parametrize("noise", [0.0, 0.2])
+def test_resume_reaches_the_same_weights(tmp_path, noise):
+    full = train(_cfg(tmp_path / "a", input_noise=noise), log=lambda *_: None)
     # Interrupted: stop at a checkpoint (step 3), then rerun the same command to finish.
-    cfg_b = _cfg(tmp_path / "b")
+    cfg_b = _cfg(tmp_path / "b", input_noise=noise)
     train(TrainConfig(**{**cfg_b.__dict__, "steps": 6, "max_minutes": 0.0}), log=lambda *_: None)
     meta = json.loads((tmp_path / "b" / "run" / "latest" / "meta.json").read_text())
     assert meta["step"] == 1  # stopped early, checkpoint written

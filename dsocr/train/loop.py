@@ -39,7 +39,15 @@ import torch.nn.functional as F
 from dsocr.configs import CONFIGS
 from dsocr.language.tokenizer import Tokenizer
 from dsocr.model import DeepseekOCRForCausalLM
-from dsocr.train.data import Batch, DataRecipe, StepBatches, batch_stream, batch_to, make_batch
+from dsocr.train.data import (
+    Batch,
+    DataRecipe,
+    StepBatches,
+    batch_stream,
+    batch_to,
+    make_batch,
+    sample_seed,
+)
 from dsocr.weights import load_checkpoint, save_checkpoint
 
 
@@ -67,6 +75,10 @@ class TrainConfig:
     # Weight of the character loss (``char_loss``: which characters each vision token's cell
     # holds; needs rendered plain-text pages). 0: off. It sets ``data.glyph_targets``.
     char_loss: float = 0.0
+    # Share of the decoder's input text tokens replaced by other target tokens of the batch (the
+    # labels stay the true ones), so that training sees histories with mistakes in them, as greedy
+    # decoding does, and learns to recover from them by reading the image. 0: off.
+    input_noise: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
@@ -108,6 +120,28 @@ def losses_on(
     if not char_weight or batch.cell_targets is None:
         return text, None
     return text, char_loss(model, embeds, batch.cell_targets, blank_id)
+
+
+def corrupt_inputs(batch: Batch, share: float, seed: int) -> Batch:
+    """``batch`` with about ``share`` of its target-text input ids replaced by target ids drawn at
+    random from the whole batch (so never a prompt, image or special id); labels untouched.
+
+    Exposure-bias training: with true histories only (teacher forcing), the decoder learns to lean
+    on its own previous tokens and, at greedy decoding, one wrong token derails the rest of the
+    line. ``seed`` fixes the draw, so a resumed run sees the same corruption.
+    """
+    if share <= 0:
+        return batch
+    target = batch.labels != -100
+    pool = batch.input_ids[target]
+    if pool.numel() == 0:
+        return batch
+    g = torch.Generator().manual_seed(seed)
+    hit = target & (torch.rand(batch.input_ids.shape, generator=g) < share)
+    picks = torch.randint(pool.numel(), (int(hit.sum()),), generator=g)
+    ids = batch.input_ids.clone()
+    ids[hit] = pool[picks]
+    return dataclasses.replace(batch, input_ids=ids)
 
 
 def char_loss(model, embeds, cell_targets: torch.Tensor, blank_id: int) -> torch.Tensor:
@@ -340,7 +374,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     while step < cfg.steps and (cfg.stop_at is None or step < cfg.stop_at):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
-        batch = batch_to(next(stream), device)
+        batch = next(stream)
+        noise_seed = sample_seed(cfg.seed, "input-noise", step, rank, 0) % 2**63
+        batch = batch_to(corrupt_inputs(batch, cfg.input_noise, noise_seed), device)
         with autocast if autocast is not None else _null():
             loss, text_loss, char = step_fn(batch)
         opt.zero_grad(set_to_none=True)
