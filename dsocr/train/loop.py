@@ -375,8 +375,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
         batch = next(stream)
-        noise_seed = sample_seed(cfg.seed, "input-noise", step, rank, 0) % 2**63
-        batch = batch_to(corrupt_inputs(batch, cfg.input_noise, noise_seed), device)
+        if cfg.input_noise > 0:
+            noise_seed = sample_seed(cfg.seed, "input-noise", step, rank, 0) % 2**63
+            batch = corrupt_inputs(batch, cfg.input_noise, noise_seed)
+        batch = batch_to(batch, device)
         with autocast if autocast is not None else _null():
             loss, text_loss, char = step_fn(batch)
         opt.zero_grad(set_to_none=True)
