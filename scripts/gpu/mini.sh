@@ -6,12 +6,15 @@
 #   A  everything trains, on the text loss plus the per-vision-token character loss (weight 1),
 #      at a constant rate, for MIN_A minutes (the character loss keeps the encoder reading while
 #      the decoder is still random; without it the encoder collapses, §4 phase 0);
-#   B  from A, SAM frozen, character loss 0.3, vision at 0.3x, warmup + cosine over as many steps
-#      as fit MIN_B minutes at A's measured rate.
-# Then the best checkpoint of B is bundled (bfloat16, shards <= 15 MB, scripts/bundle_model.py)
-# without its tokenizer (the caller has it) and sent back as $OUT/mini.tar.aa, .ab, ... (pieces
-# of 15 MB; a call returns at most 8 files of 16 MiB), with both logs in $OUT/log.jsonl. Unpack:
-#   cat <files_at>/mini.tar.* | tar -xf - && cp data/mini/tokenizer.json bundle/ On the device (no pip install there):
+#   B  from A, SAM frozen, character loss 0.3, vision at 0.3x, 15% input noise (§4 phase 10),
+#      warmup + cosine over as many steps as fit MIN_B minutes at A's measured rate.
+# Then B's last checkpoint (not its best: with input noise the clean teacher-forced eval loss can
+# rise while greedy CER falls, §4 phase 10) is bundled (bfloat16, shards <= 15 MB,
+# scripts/bundle_model.py) without its tokenizer (the caller has it) and sent back as
+# $OUT/mini.tar.aa, .ab, ... (pieces of 15 MB; a call returns at most 8 files of 16 MiB), with
+# both logs in $OUT/log.jsonl. Unpack:
+#   cat <files_at>/mini.tar.* | tar -xf - && cp data/mini/tokenizer.json bundle/
+# On the device (no pip install there):
 #   carry: data/corpus/train.jsonl.gz, data/corpus/heldout.jsonl.gz, data/mini/tokenizer.json
 #   command: PYTHONUNBUFFERED=1 PYTHONPATH=. bash scripts/gpu/mini.sh
 # A CPU dry run of the plumbing (a minute or two):
@@ -50,9 +53,10 @@ PY
 )
 echo "stage B: $STEPS_B steps"
 train --model "$RUNS/a/latest" --out "$RUNS/b" "${COMMON[@]}" --lr 1e-3 --warmup 50 \
-    --steps "$STEPS_B" --freeze sam --char-loss 0.3 --vision-lr-scale 0.3 --max-minutes "$MIN_B"
+    --steps "$STEPS_B" --freeze sam --char-loss 0.3 --vision-lr-scale 0.3 --input-noise 0.15 \
+    --max-minutes "$MIN_B"
 
-python scripts/bundle_model.py "$RUNS/b/best" --out "$RUNS/bundle"
+python scripts/bundle_model.py "$RUNS/b/latest" --out "$RUNS/bundle"
 rm -f "$RUNS/bundle/tokenizer.json"
 cat "$RUNS/a/log.jsonl" "$RUNS/b/log.jsonl" > "$OUT/log.jsonl"
 # The bundle's file count varies with its shards; one tar in 15 MB pieces always fits the limit.
