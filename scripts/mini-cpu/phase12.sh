@@ -6,7 +6,9 @@
 # bundled phase-10 weights (dsocr/assets/dsocr-mini: bfloat16, loaded as float32; phase 11's
 # float32 checkpoint did not survive its machine), a fresh optimizer and schedule (lr 3e-4, warmup
 # 20), new pages (seed 7), into runs/mini-cpu-s9. Run with STEPS and MINUTES as for phase5.sh
-# (this session: MINUTES=120 STEPS=1800).
+# (this session: MINUTES=120 STEPS=1800). dsocr/assets/dsocr-mini holds phase 12 itself since it
+# shipped, so to reproduce, first put phase 10's bundle back there: `git checkout ed1c8c3 --
+# dsocr/assets/dsocr-mini` (or `bash scripts/mini-cpu/rebench.sh runs/mini-cpu-s7/latest`).
 set -euo pipefail
 exec bash "$(dirname "$0")/phase5.sh" --model dsocr/assets/dsocr-mini --out runs/mini-cpu-s9 --seed 7 \
     --lr 3e-4 --warmup 20 --input-noise 0.15 --data-modes tiny,small "$@"
