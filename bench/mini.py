@@ -30,7 +30,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,11 +55,8 @@ def recipe_of(ocr, corpus: str) -> DataRecipe:
     """The data recipe the checkpoint was trained with (meta.json), pointed at ``corpus``."""
     meta = Path(ocr.source) / "meta.json"
     d = json.loads(meta.read_text()).get("data_recipe", {}) if meta.is_file() else {}
-    names = {f.name for f in fields(DataRecipe)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-    if not kw:
-        kw = {"langs": ("en",)}
-    return replace(DataRecipe(**kw), corpus=corpus)
+    recipe = DataRecipe.from_meta(d) if d else DataRecipe(langs=("en",))
+    return replace(recipe, corpus=corpus)
 
 
 def budget(ocr, text: str) -> int:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -75,6 +75,15 @@ class DataRecipe:
     # Also give each batch, per vision token of the global view, the characters drawn in its
     # 64 x 64 px cell (Batch.cell_targets), for the training loop's character loss.
     glyph_targets: bool = False
+
+    @classmethod
+    def from_meta(cls, saved: dict) -> DataRecipe:
+        """The recipe a checkpoint's meta.json stores under "data_recipe" (JSON lists back to
+        tuples; unknown keys ignored). An empty dict gives the defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+        )
 
 
 @dataclass

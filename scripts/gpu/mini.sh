@@ -10,7 +10,8 @@
 #      warmup + cosine over as many steps as fit MIN_B minutes at A's measured rate.
 # Then B's last checkpoint (not its best: with input noise the clean teacher-forced eval loss can
 # rise while greedy CER falls, §4 phase 10) is bundled (bfloat16, shards <= 15 MB,
-# scripts/bundle_model.py) without its tokenizer (the caller has it) and sent back as
+# scripts/bundle_model.py, which picks the default mode by reading MEASURE held-out pages of each
+# trained mode in each, on the GPU) without its tokenizer (the caller has it) and sent back as
 # $OUT/mini.tar.aa, .ab, ... (pieces of 15 MB; a call returns at most 8 files of 16 MiB), with
 # both logs in $OUT/log.jsonl. Unpack:
 #   cat <files_at>/mini.tar.* | tar -xf - && cp data/mini/tokenizer.json bundle/
@@ -19,7 +20,7 @@
 #   command: PYTHONUNBUFFERED=1 PYTHONPATH=. bash scripts/gpu/mini.sh
 # A CPU dry run of the plumbing (a minute or two):
 #   OUT=/tmp/gpu-dry DEVICE=cpu BATCH=2 WORKERS=1 MIN_A=0.3 MIN_B=0.3 EVAL_EVERY=2 LOG_EVERY=1 \
-#     RUNS=runs/gpu-dry bash scripts/gpu/mini.sh
+#     MEASURE=1 RUNS=runs/gpu-dry bash scripts/gpu/mini.sh
 set -euo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 mkdir -p "$OUT"
@@ -30,6 +31,7 @@ WORKERS=${WORKERS:-14}
 EVAL_EVERY=${EVAL_EVERY:-500}
 LOG_EVERY=${LOG_EVERY:-20}
 RUNS=${RUNS:-runs/gpu}
+MEASURE=${MEASURE:-16}  # held-out pages per mode that pick the bundle's default mode
 DEV=()
 if [ -n "${DEVICE:-}" ]; then DEV=(--device "$DEVICE"); fi
 DATA=(--data-corpus data/corpus --data-langs en --data-modes tiny,small --data-font-sizes 16,20,24,32
@@ -56,7 +58,7 @@ train --model "$RUNS/a/latest" --out "$RUNS/b" "${COMMON[@]}" --lr 1e-3 --warmup
     --steps "$STEPS_B" --freeze sam --char-loss 0.3 --vision-lr-scale 0.3 --input-noise 0.15 \
     --max-minutes "$MIN_B"
 
-python scripts/bundle_model.py "$RUNS/b/latest" --out "$RUNS/bundle"
+python scripts/bundle_model.py "$RUNS/b/latest" --out "$RUNS/bundle" --measure-pages "$MEASURE"
 rm -f "$RUNS/bundle/tokenizer.json"
 cat "$RUNS/a/log.jsonl" "$RUNS/b/log.jsonl" > "$OUT/log.jsonl"
 # The bundle's file count varies with its shards; one tar in 15 MB pieces always fits the limit.
