@@ -56,14 +56,17 @@ def measure_modes(ocr: OCR, recipe: DataRecipe, pages: int, seed: int = 0) -> di
             make_sample(r, random.Random(sample_seed(seed, "bundle", 0, 0, i)), docs)
             for i in range(pages)
         ]
+    budgets = {
+        m: [int(1.2 * model_token_count(ocr.tokenizer, s.target)) + 32 for s in samples]
+        for m, samples in sets.items()
+    }
     table = {}
     for read in recipe.modes:
         table[read] = {}
         for m, samples in sets.items():
             refs = [s.target for s in samples]
-            budgets = [int(1.2 * model_token_count(ocr.tokenizer, t)) + 32 for t in refs]
             results = ocr.run_many(
-                [s.image for s in samples], PROMPTS["free"], read, budgets, batch_size=8
+                [s.image for s in samples], PROMPTS["free"], read, budgets[m], batch_size=8
             )
             scores = [
                 cer(x.text.strip(), t, normalize_whitespace=True) for x, t in zip(results, refs)
@@ -112,11 +115,12 @@ def main(argv=None) -> int:
     saved = meta.get("data_recipe", {})
     trained = [m for m in saved.get("modes", []) if isinstance(m, str)]
     only_free = set(saved.get("prompts", ["free"])) == {"free"}
-    defaults = {"task": args.default_task or ("free" if only_free else "markdown")}
+    task = args.default_task or ("free" if only_free else "markdown")
+    measured = None
     if args.default_mode:
-        defaults["mode"] = get_mode(args.default_mode).name
+        mode = get_mode(args.default_mode).name
     elif len(trained) < 2:
-        defaults["mode"] = trained[0] if trained else "base"
+        mode = trained[0] if trained else "base"
     else:
         recipe = DataRecipe.from_meta(saved)
         if args.corpus:
@@ -130,10 +134,9 @@ def main(argv=None) -> int:
         ocr = OCR(model.to(device), tok, str(src))
         measured = measure_modes(ocr, replace(recipe, modes=tuple(trained)), args.measure_pages)
         model.to("cpu")
-        defaults["mode"] = pick_mode(measured["mean"])
-        defaults["measured"] = measured
-        print(f"default mode {defaults['mode']}: {json.dumps(measured)}", file=sys.stderr)
-    meta["defaults"] = {"mode": defaults.pop("mode"), **defaults}
+        mode = pick_mode(measured["mean"])
+        print(f"default mode {mode}: {json.dumps(measured)}", file=sys.stderr)
+    meta["defaults"] = {"mode": mode, "task": task} | ({"measured": measured} if measured else {})
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(
