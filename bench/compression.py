@@ -46,7 +46,7 @@ import torch
 
 from dsocr.api import load_model
 from dsocr.compress import compress, decompress, default_style, word_precision, word_recall
-from dsocr.compress.accounting import model_token_count
+from dsocr.compress.accounting import readback_budget
 from dsocr.configs import get_mode
 from dsocr.fileio import note_block, save_report
 from dsocr.language.tokenizer import PROMPTS, count_text_tokens
@@ -183,9 +183,7 @@ def max_new_for(ocr, text: str, mode, fixed: int | None) -> int:
     """``fixed``, else 1.2x the reference in the model's tokens + 32, within its positions."""
     if fixed:
         return fixed
-    need = int(1.2 * model_token_count(ocr.tokenizer, text)) + 32
-    limit = ocr.model.config.language.max_position_embeddings - 512
-    return max(16, min(need, limit))
+    return readback_budget(ocr.tokenizer, text, ocr.model.config.language.max_position_embeddings)
 
 
 def read_page(ocr, text: str, mode: str, args) -> dict:

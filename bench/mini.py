@@ -38,7 +38,7 @@ import compression  # noqa: E402  (bench/compression.py: Table 2 passages, paper
 
 from dsocr.api import load_model  # noqa: E402
 from dsocr.compress import compress  # noqa: E402
-from dsocr.compress.accounting import model_token_count  # noqa: E402
+from dsocr.compress.accounting import readback_budget  # noqa: E402
 from dsocr.configs import get_mode  # noqa: E402
 from dsocr.eval.metrics import cer, fox_scores  # noqa: E402
 from dsocr.eval.run import header_lines, run_info  # noqa: E402
@@ -60,8 +60,7 @@ def recipe_of(ocr, corpus: str) -> DataRecipe:
 
 
 def budget(ocr, text: str) -> int:
-    need = int(1.2 * model_token_count(ocr.tokenizer, text)) + 32
-    return max(16, min(need, ocr.model.config.language.max_position_embeddings - 512))
+    return readback_budget(ocr.tokenizer, text, ocr.model.config.language.max_position_embeddings)
 
 
 def decode(ocr, images, refs, mode, args) -> list[dict]:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dsocr.api import OCR
-from dsocr.compress.accounting import model_token_count
+from dsocr.compress.accounting import readback_budget
 from dsocr.configs import get_mode
 from dsocr.eval.metrics import cer
 from dsocr.language.tokenizer import PROMPTS, Tokenizer
@@ -56,8 +56,9 @@ def measure_modes(ocr: OCR, recipe: DataRecipe, pages: int, seed: int = 0) -> di
             make_sample(r, random.Random(sample_seed(seed, "bundle", 0, 0, i)), docs)
             for i in range(pages)
         ]
+    limit = ocr.model.config.language.max_position_embeddings
     budgets = {
-        m: [int(1.2 * model_token_count(ocr.tokenizer, s.target)) + 32 for s in samples]
+        m: [readback_budget(ocr.tokenizer, s.target, limit) for s in samples]
         for m, samples in sets.items()
     }
     table = {}

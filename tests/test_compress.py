@@ -35,6 +35,7 @@ from dsocr.compress import (
     word_precision,
     word_recall,
 )
+from dsocr.compress.accounting import readback_budget
 from dsocr.compress.codec import sha256_text
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer, count_text_tokens
 
@@ -100,6 +101,14 @@ def test_compression_stats_hand_computed():
     tok = Tokenizer(byte_tokenizer())
     assert compression_stats(FOX, [(512, 512)], "tiny", tok).model_text_tokens == len(FOX)
     assert compression_stats(FOX, [(512, 512)], "tiny").model_text_tokens is None
+
+
+def test_readback_budget_hand_computed():
+    tok = Tokenizer(byte_tokenizer())  # one token per byte
+    assert readback_budget(tok, "x" * 100, 4096) == 152  # 1.2 * 100 + 32
+    assert readback_budget(tok, "", 4096) == 32
+    assert readback_budget(tok, "x" * 5000, 2048) == 1536  # clamped to positions - 512
+    assert readback_budget(tok, "x", 520) == 16  # never below 16
 
 
 def test_word_precision_is_a_multiset_precision():

@@ -64,6 +64,14 @@ def model_token_count(tokenizer, text: str) -> int:
     return len(out.ids if hasattr(out, "ids") else out)
 
 
+def readback_budget(tokenizer, text: str, max_positions: int) -> int:
+    """Decode budget for reading back a page of known text ``text``: 1.2x its tokens under the
+    model's tokenizer + 32, at least 16, and at most ``max_positions`` - 512 (room for the prompt
+    and the vision tokens). The benchmarks and the bundle's mode measurement share this rule."""
+    need = int(1.2 * model_token_count(tokenizer, text)) + 32
+    return max(16, min(need, max_positions - 512))
+
+
 @dataclass(frozen=True)
 class CompressionStats:
     """Text vs vision tokens for some text rendered onto ``pages`` images in ``mode``.
