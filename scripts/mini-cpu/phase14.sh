@@ -3,8 +3,9 @@
 # pages: frozen SAM, character loss 0.3, CLIP and projector at 0.3x, 15% input noise) continued
 # from its bundled weights (dsocr/assets/dsocr-mini as shipped at e952b9e: bfloat16, loaded as
 # float32), a fresh optimizer, lr 2e-4, warmup 10, new pages (seed 9), into runs/mini-cpu-s11. Run
-# with STEPS and MINUTES as for phase5.sh. Once phase 14 ships, dsocr/assets/dsocr-mini holds it,
-# so to reproduce first put phase 13's bundle back: `git checkout e952b9e -- dsocr/assets/dsocr-mini`.
+# with STEPS and MINUTES as for phase5.sh (shipped: MINUTES=110 STEPS=2700). Since phase 14
+# shipped, dsocr/assets/dsocr-mini holds it, so to reproduce first put phase 13's bundle back:
+# `git checkout e952b9e -- dsocr/assets/dsocr-mini`.
 set -euo pipefail
 exec bash "$(dirname "$0")/phase5.sh" --model dsocr/assets/dsocr-mini --out runs/mini-cpu-s11 --seed 9 \
     --lr 2e-4 --warmup 10 --input-noise 0.15 --data-modes tiny,small "$@"
