@@ -134,7 +134,9 @@ def sources():
             yield (f"python/{rel}", f"python/{rel}", "en", "python3.11-doc", f)
 
 
-def build(out: Path, min_chars: int = 500) -> dict:
+def build(out: Path, min_chars: int = 500, docs=None) -> dict:
+    """Write train/heldout JSONL (plain and gzipped) and a manifest from `docs` (default: every
+    installed source; the same 5-tuples as `sources()`)."""
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "heldout": 0}
     chars = {"train": 0, "heldout": 0}
@@ -142,7 +144,7 @@ def build(out: Path, min_chars: int = 500) -> dict:
     tmp = {s: out / f".{s}.jsonl.tmp" for s in counts}
     files = {s: tmp[s].open("w", encoding="utf-8") for s in counts}
     try:
-        for doc, group, lang, source, path in sources():
+        for doc, group, lang, source, path in sources() if docs is None else docs:
             text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
             if len(text) < min_chars:
                 continue

@@ -1,6 +1,8 @@
 """Training: loss falls and greedy decoding reproduces a toy set; resume == uninterrupted; DDP."""
 
 import dataclasses
+import gzip
+import hashlib
 import json
 import math
 import os
@@ -205,13 +207,34 @@ def test_stop_at_ends_a_phase_and_the_next_phase_resumes(tmp_path):
     assert json.loads((tmp_path / "run/latest/meta.json").read_text())["step"] == 3
 
 
-def test_built_corpus_splits_are_disjoint():
-    folder = Path(__file__).parents[1] / "data" / "corpus"
-    if not (folder / "train.jsonl").is_file():
-        pytest.skip("no built corpus here (scripts/build_corpus.py); the hash rule is tested above")
-    train = {json.loads(x)["group"] for x in open(folder / "train.jsonl")}
-    held = {json.loads(x)["group"] for x in open(folder / "heldout.jsonl")}
-    assert held and train and not train & held
+def test_built_corpus_splits_are_disjoint(tmp_path):
+    """build_corpus.build end to end on generated HTML chapters in three languages: every
+    language version of a chapter lands in the same split, and the files match the manifest."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import build_corpus
+
+    docs = []
+    for i in range(60):
+        for lang in ("en", "de", "ja"):
+            page = tmp_path / "src" / f"ch{i}.{lang}.html"
+            page.parent.mkdir(exist_ok=True)
+            body = f"<h1>Chapter {i}</h1><p>{lang} text of chapter {i}. " + "word " * 120 + "</p>"
+            page.write_text(f"<html><body>{body}<script>skip()</script></body></html>")
+            docs.append((f"reference/{lang}/ch{i}", f"reference/ch{i}", lang, "test", page))
+    manifest = build_corpus.build(tmp_path / "corpus", docs=docs)
+    rows = {}
+    for split in ("train", "heldout"):
+        lines = (tmp_path / "corpus" / f"{split}.jsonl").read_bytes()
+        assert gzip.decompress((tmp_path / "corpus" / f"{split}.jsonl.gz").read_bytes()) == lines
+        assert manifest["files"][f"{split}.jsonl"] == hashlib.sha256(lines).hexdigest()
+        rows[split] = [json.loads(x) for x in lines.splitlines()]
+        assert len(rows[split]) == manifest["documents"][split]
+    train = {r["group"] for r in rows["train"]}
+    held = {r["group"] for r in rows["heldout"]}
+    assert held and train and not train & held and len(train | held) == 60
+    assert held == {d[1] for d in docs if build_corpus.is_heldout(d[1])}
+    assert len(rows["train"]) + len(rows["heldout"]) == 180
+    assert all("skip()" not in r["text"] and "Chapter" in r["text"] for s in rows for r in rows[s])
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.2])
