@@ -20,7 +20,11 @@ from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 from dsocr.model import build_model
 from dsocr.train.data import DataRecipe, load_corpus, make_batch, recipe_docs
 from dsocr.train.loop import TrainConfig, corrupt_inputs, lr_at, train
-from dsocr.weights import read_state_dict
+from dsocr.weights import load_checkpoint, read_state_dict, save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import build_corpus  # noqa: E402
+import resize_vocab  # noqa: E402
 
 TOY_MODE = "test-tiny"
 
@@ -105,9 +109,6 @@ def test_input_noise_corrupts_only_target_inputs(tiny_cfg):
 
 
 def test_heldout_never_intersects_training(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    import build_corpus
-
     groups = [f"handbook/ch{i}" for i in range(400)]
     held = {g for g in groups if build_corpus.is_heldout(g)}
     assert 0 < len(held) < len(groups)
@@ -210,9 +211,6 @@ def test_stop_at_ends_a_phase_and_the_next_phase_resumes(tmp_path):
 def test_built_corpus_splits_are_disjoint(tmp_path):
     """build_corpus.build end to end on generated HTML chapters in three languages: every
     language version of a chapter lands in the same split, and the files match the manifest."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    import build_corpus
-
     docs = []
     for i in range(60):
         for lang in ("en", "de", "ja"):
@@ -372,12 +370,6 @@ TOY = ["il il", "WMW MWM"]  # different ink, so a tiny encoder separates them qu
 
 
 def test_resize_vocab_keeps_every_other_weight(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    import resize_vocab
-
-    from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
-    from dsocr.weights import load_checkpoint, save_checkpoint
-
     src = load_checkpoint("tiny")
     save_checkpoint(src, tmp_path / "src")
     tok = Tokenizer(byte_tokenizer("the cat sat on the mat " * 20, vocab_size=290))
