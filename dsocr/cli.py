@@ -127,6 +127,7 @@ def cmd_serve(args) -> int:
         timeout_s=args.timeout,
         max_queue=args.max_queue,
         batch_size=args.batch_size,
+        allow_remote_urls=args.allow_remote_urls,
     )
     return 0
 
@@ -326,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     s.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    s.add_argument(
+        "--allow-remote-urls",
+        action="store_true",
+        help="let chat requests name http(s) image URLs, which the server then fetches "
+        "(off by default: only base64 data: URLs)",
+    )
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tokens", help="vision tokens an image of WIDTH x HEIGHT costs per mode")

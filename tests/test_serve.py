@@ -342,3 +342,168 @@ def test_ocr_alongside_chat(server, client):
         chats = [pool.submit(_chat, client, max_tokens=16) for _ in range(2)]
         assert doc.result().status_code == 200
         assert all(c.result().usage.completion_tokens == 16 for c in chats)
+
+
+def _slow_engine_steps(monkeypatch, seconds: float = 0.05):
+    """Every Engine (the chat worker's and convert's) sleeps before each step."""
+    from dsocr.engine.generate import Engine
+
+    real = Engine.step
+
+    def slow(self):
+        time.sleep(seconds)
+        return real(self)
+
+    monkeypatch.setattr(Engine, "step", slow)
+
+
+def _metric(text: str, prefix: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith(prefix)]
+    return float(line.split()[-1])
+
+
+def test_chunked_oversize_chat_body_is_refused(server, client):
+    def body():  # no Content-Length: sent chunked; 2 MB, over the 2 x 200 kB + 1 MiB limit
+        for _ in range(20):
+            yield b" " * 100_000
+
+    h = {"Content-Type": "application/json"}
+    r = _post(server, "/v1/chat/completions", content=body(), headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "upload_too_large"
+    _assert_ok(client)
+
+
+def test_disconnect_and_ocr_timeout_free_the_engine(ocr, monkeypatch):
+    _slow_engine_steps(monkeypatch)
+    body = {"messages": _messages(), "max_tokens": 64, "mode": "tiny", "ignore_eos": True}
+    # a plain (non-streaming) client that gives up: its request leaves the batch long before
+    # its 64 tokens (>= 3.2 s at 50 ms a step) or the 30 s request timeout
+    app = create_app(ocr, request_timeout_s=30, max_queue=1, max_batch_size=1, max_new_tokens=64)
+    worker = app.state.worker
+    with _Server(app) as s:
+        t0 = time.time()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.3)
+        while (worker.outstanding or worker.active) and time.time() - t0 < 2.0:
+            time.sleep(0.05)
+        assert worker.outstanding == 0 and worker.active == 0, "the abandoned request kept going"
+        assert httpx.get(s.url + "/health").json()["active"] == 0
+        assert app.state.metrics.generated_tokens == 0  # it never finished
+        # a stream's latency is measured to its end, not to its headers
+        stream = body | {"max_tokens": 12, "stream": True}
+        r = httpx.post(s.url + "/v1/chat/completions", json=stream, timeout=10)
+        assert r.text.endswith("data: [DONE]\n\n")
+        text = httpx.get(s.url + "/metrics").text
+        key = 'dsocr_request_latency_seconds_sum{endpoint="/v1/chat/completions"}'
+        assert _metric(text, key) >= 12 * 0.05
+
+    app = create_app(ocr, request_timeout_s=1.0, max_queue=1, max_batch_size=1, max_new_tokens=64)
+    with _Server(app) as s:
+        # an OCR job that times out is cancelled, not left running: its slot frees at once
+        files = {"file": ("slow.png", _png(), "image/png")}
+        opts = {"mode": "tiny", "max_new_tokens": "64", "task": "free"}
+        t0 = time.time()
+        r = httpx.post(s.url + "/v1/ocr", files=files, data=opts, timeout=10)
+        assert r.status_code == 504
+        while time.time() - t0 < 2.5:
+            if _metric(httpx.get(s.url + "/metrics").text, "dsocr_ocr_jobs ") == 0:
+                break
+            time.sleep(0.05)
+        assert time.time() - t0 < 2.5, "the timed-out OCR job kept running"
+        # a stream that times out ends in an error event and is counted as a 504, not a 200
+        r = httpx.post(s.url + "/v1/chat/completions", json=body | {"stream": True}, timeout=10)
+        assert '"code": "timeout"' in r.text and r.text.endswith("data: [DONE]\n\n")
+        text = httpx.get(s.url + "/metrics").text
+        assert 'dsocr_requests_total{endpoint="/v1/chat/completions",status="504"} 1' in text
+        assert 'endpoint="/v1/chat/completions",status="200"' not in text
+
+
+def test_ocr_fields_password_and_names(server, tmp_path):
+    pikepdf = pytest.importorskip("pikepdf")
+    plain, locked = tmp_path / "plain.pdf", tmp_path / "locked.pdf"
+    plain.write_bytes(_pdf(1))
+    with pikepdf.open(plain) as p:
+        p.save(locked, encryption=pikepdf.Encryption(owner="o", user="secret", R=6))
+    opts = {"mode": "tiny", "max_new_tokens": "4", "task": "free"}
+
+    def post(data, name="../../etc/Report 2024.pdf"):
+        files = {"file": (name, locked.read_bytes(), "application/pdf")}
+        return _post(server, "/v1/ocr", files=files, data=data)
+
+    r = post(opts)
+    assert r.status_code == 400 and "'password' form field" in r.json()["error"]["message"]
+    assert "/tmp" not in r.json()["error"]["message"]
+    r = post(opts | {"password": "wrong"})
+    assert r.status_code == 400 and "wrong password" in r.json()["error"]["message"]
+    r = post(opts | {"colour": "blue"})
+    assert r.status_code == 422 and "colour" in r.json()["error"]["message"]
+    r = post(opts | {"password": "secret"})
+    assert r.status_code == 200, r.text
+    doc = r.json()["document"]
+    assert doc["source"] == "Report_2024.pdf" and doc["stem"] == "Report_2024"
+    assert doc["model"] == "tiny"
+
+
+def test_upload_stem_is_safe():
+    from dsocr.serve.app import upload_stem
+
+    assert upload_stem("../../etc/passwd") == "passwd"
+    assert upload_stem("C:\\Users\\x\\scan.final.PNG") == "scan.final"
+    assert upload_stem("..") == "upload" and upload_stem(None) == "upload"
+    assert upload_stem("Ünïcode page.pdf") == "n_code_page"
+
+
+def test_429_carries_retry_after(ocr, monkeypatch):
+    _slow_engine_steps(monkeypatch)
+    app = create_app(ocr, max_queue=0, max_batch_size=1, max_new_tokens=64)
+    with _Server(app) as s:
+        body = {"messages": _messages(), "max_tokens": 20, "mode": "tiny", "ignore_eos": True}
+        with ThreadPoolExecutor(3) as pool:
+            rs = list(
+                pool.map(lambda _: httpx.post(s.url + "/v1/chat/completions", json=body), range(3))
+            )
+        busy = [r for r in rs if r.status_code == 429]
+        assert busy and all(r.headers["retry-after"] == "1" for r in busy)
+        assert any(r.status_code == 200 for r in rs)
+
+
+def test_remote_image_urls_only_when_enabled(ocr, tmp_path):
+    import functools
+    import http.server
+
+    (tmp_path / "page.png").write_bytes(_png())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        app = create_app(ocr, allow_remote_urls=True, max_new_tokens=8)
+        with _Server(app) as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+            local = _chat(client, max_tokens=4).choices[0].message.content
+
+            def remote(path):
+                part = {"type": "image_url", "image_url": {"url": url + path}}
+                msgs = [{"role": "user", "content": [part, {"type": "text", "text": "Free OCR."}]}]
+                return _chat(client, messages=msgs, max_tokens=4)
+
+            # the fetched image is the same image: the same greedy text
+            assert remote("/page.png").choices[0].message.content == local
+            with pytest.raises(openai.BadRequestError, match="cannot fetch"):
+                remote("/missing.png")
+    finally:
+        httpd.shutdown()
+
+
+def test_chat_mode_defaults_to_the_checkpoint_mode(ocr, tmp_path):
+    import dataclasses
+    import json
+
+    (tmp_path / "meta.json").write_text(json.dumps({"defaults": {"mode": "tiny"}}))
+    app = create_app(dataclasses.replace(ocr, source=str(tmp_path)), max_new_tokens=8)
+    with _Server(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        implicit = client.chat.completions.create(model="m", messages=_messages(), max_tokens=2)
+        tiny = _chat(client, max_tokens=2)
+        base = _chat(client, max_tokens=2, extra_body={"mode": "base"})
+    assert implicit.usage.prompt_tokens == tiny.usage.prompt_tokens < base.usage.prompt_tokens

@@ -502,6 +502,10 @@ class Preprocess:
         return job
 
 
+class Cancelled(Exception):
+    """A conversion stopped by its ``cancel`` event (e.g. a server request that timed out)."""
+
+
 class Generate:
     """A stream of page jobs (and document events) -> the same jobs with ``result`` set.
 
@@ -517,11 +521,16 @@ class Generate:
         self.params = params
         self.batch_size = batch_size
 
-    def __call__(self, source: Prefetcher) -> Iterator[PageJob | DocEnd | DocFailed | DocSkipped]:
+    def __call__(
+        self, source: Prefetcher, cancel: threading.Event | None = None
+    ) -> Iterator[PageJob | DocEnd | DocFailed | DocSkipped]:
+        """``cancel``: when set, raises ``Cancelled`` before the next engine step."""
         in_flight: dict[Any, PageJob] = {}
         exhausted = False
         try:
             while True:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("conversion cancelled")
                 while not exhausted and len(in_flight) < self.batch_size:
                     item = source.get(block=not in_flight)
                     if item is None:
@@ -906,11 +915,14 @@ class Converter:
         inputs: Iterable[str | os.PathLike],
         on_document: Callable[[Document], None] | None = None,
         on_page: Callable[[Document, PageResult], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Document]:
         """Convert a batch; returns one Document per input file, in input order.
 
         ``on_document(doc)`` is called as each document is converted, skipped or failed, and
-        ``on_page(doc, page)`` as each page is decoded (progress for long PDFs). The run's
+        ``on_page(doc, page)`` as each page is decoded (progress for long PDFs). Setting
+        ``cancel`` stops the run between engine steps with ``Cancelled`` (handled as Ctrl-C). The
+        run's
         ``BatchSummary`` is in ``self.last_summary`` (and ``OUT/.dsocr/summary.json``). Ctrl-C
         (KeyboardInterrupt) propagates after the producer is stopped; finished documents keep
         their folders and markers, nothing partial is left.
@@ -964,7 +976,7 @@ class Converter:
             pending, self._produce, self.options.prefetch or self.options.batch_size
         )
         interrupted = False
-        stream = generate(prefetch)
+        stream = generate(prefetch, cancel)
         try:
             prefetch.start()
             for item in stream:
@@ -1030,6 +1042,7 @@ def convert(
     backend: str = "dsocr",
     on_document: Callable[[Document], None] | None = None,
     on_page: Callable[[Document, PageResult], None] | None = None,
+    cancel: threading.Event | None = None,
     **options,
 ) -> list[Document]:
     """Convert files, folders and globs; returns one Document per input file, in input order.
@@ -1040,6 +1053,8 @@ def convert(
     ``out_dir/<stem>/`` and a rerun skips the finished ones. The output folder is checked before
     the model is loaded. Summarise with ``BatchSummary.from_documents(docs)``. ``backend="vllm"``
     decodes with vLLM (official checkpoint, CUDA GPU, Gundam mode; see ``dsocr.vllm_backend``).
+    Setting ``cancel`` (a ``threading.Event``) from another thread stops the run with
+    ``Cancelled`` before the next engine step.
     """
     from dsocr.api import model_defaults
 
@@ -1062,7 +1077,7 @@ def convert(
         converter = Converter(_load(ocr, device, dtype), opts, workspace)
     else:
         raise ValueError(f"unknown backend {backend!r}; known: dsocr, vllm")
-    return converter.convert(inputs, on_document=on_document, on_page=on_page)
+    return converter.convert(inputs, on_document=on_document, on_page=on_page, cancel=cancel)
 
 
 def convert_file(

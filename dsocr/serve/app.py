@@ -6,27 +6,35 @@ Endpoints:
   ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``. The prompt is the
   official layout ``<image>\\n`` + text (one ``<image>`` per image unless the text already holds
   them). ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream`` (SSE, OpenAI
-  chunks, ``data: [DONE]``), ``stream_options.include_usage``; extensions ``mode`` (default
-  "base") and ``ignore_eos``. Remote http(s) URLs are refused (400) unless ``allow_remote_urls``;
-  even then they are not fetched yet (400 "not implemented").
+  chunks, ``data: [DONE]``), ``stream_options.include_usage``; extensions ``mode`` (default: the
+  mode the checkpoint's meta.json names, else "base") and ``ignore_eos``. Remote http(s) URLs are
+  refused (400) unless ``allow_remote_urls`` (``dsocr serve --allow-remote-urls``), which fetches
+  them with the upload limit and the request's deadline.
 * ``POST /v1/ocr`` -- multipart ``file`` (image or PDF) plus the ``dsocr convert`` options
   ``task``, ``prompt``, ``ref``, ``mode``, ``pages``, ``dpi``, ``max_new_tokens``,
-  ``html_tables_to_markdown``; runs ``pipeline.convert.convert`` (``out_dir=None``) on a temp file
-  and returns ``{"markdown", "document"}`` (``document`` = ``Document.to_json()``).
+  ``html_tables_to_markdown``, ``password`` (an unknown field is a 422); runs
+  ``pipeline.convert.convert`` (``out_dir=None``) on a temp file named after the upload and returns
+  ``{"markdown", "document"}`` (``document`` = ``Document.to_json()``, with the upload's file
+  name as ``source`` and the served model's name as ``model``, never server paths).
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
 
 Errors are OpenAI-style ``{"error": {"message", "type", "code"}}``: 400 malformed JSON / bad
 payload / non-image, 401 bad or missing Bearer key, 413 upload too large **and too many pages**
-(code ``too_many_pages``), 422 invalid fields, 429 queue full, 504 request timeout.
+(code ``too_many_pages``), 422 invalid fields, 429 queue full (with ``Retry-After``), 504 request
+timeout. Bodies over the limit are refused while they are read, with or without Content-Length.
 
 Concurrency: ONE worker thread owns the ``Engine`` (continuous batching: concurrent chat requests
 share the decode batch). Handlers preprocess images in a thread, hand a ``Request`` to the worker
 through a bounded budget (``max_batch_size`` active + ``max_queue`` waiting; beyond: 429) and
 receive ``StreamEvent`` s on a per-request asyncio queue (``loop.call_soon_threadsafe``). A timed
-out / disconnected request is dropped from the engine's waiting queue, or, when already decoding,
-finished at its next token. ``/v1/ocr`` jobs run one at a time in their own thread (the same
+out / disconnected request (streaming or not; disconnects are polled every
+``DISCONNECT_POLL_S``) is dropped from the engine's waiting queue, or, when already decoding,
+finished at its next step. ``/v1/ocr`` jobs run one at a time in their own thread (the same
 ``convert`` the CLI uses, which builds its own engine on the shared model); at most ``max_queue``
-more wait, and a timed-out conversion still runs to its end in the background.
+more wait, and a timed-out conversion is cancelled before its next engine step.
+
+Metrics: request latency is measured to the end of the response body (a stream's last event); a
+stream that ends in an error event is counted under that error's status.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -60,13 +68,21 @@ from dsocr.configs import get_mode
 from dsocr.engine.generate import Engine, GenerationParams, Request, StreamEvent
 from dsocr.engine.sampling import OFFICIAL_NGRAM_SETTINGS, ngram_whitelist_for
 from dsocr.language.tokenizer import build_prompt_ids
-from dsocr.pipeline.providers import InputError, count_pages, parse_page_ranges, sniff_type
+from dsocr.pipeline.providers import (
+    MAX_PIXELS,
+    InputError,
+    count_pages,
+    parse_page_ranges,
+    sniff_type,
+)
 from dsocr.vision.preprocess import check_image_size, preprocess_image
 
 IMAGE_TOKEN = "<image>"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/ocr", "/v1/models", "/health", "/metrics")
 FINISH_MAP = {"eos": "stop", "stop": "stop", "length": "length", "loop": "stop"}
+DISCONNECT_POLL_S = 0.5
+OCR_FIELDS = ("file", "model")  # besides the convert options; "model" is accepted and ignored
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,6 +114,8 @@ def error_body(message: str, type_: str, code: str | None) -> dict:
 
 def _error_response(e: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    if e.status == 429:
+        headers = {"Retry-After": "1"}
     return JSONResponse(
         error_body(e.message, e.type, e.code), status_code=e.status, headers=headers
     )
@@ -147,12 +165,16 @@ class Metrics:
                 out.append(f'dsocr_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
             for name, value, help_ in (
                 ("dsocr_pages_total", self.pages, "Pages (images) processed."),
-                ("dsocr_generated_tokens_total", self.generated_tokens, "Tokens generated."),
+                (
+                    "dsocr_generated_tokens_total",
+                    self.generated_tokens,
+                    "Tokens generated for finished requests.",
+                ),
                 ("dsocr_prompt_tokens_total", self.prompt_tokens, "Prompt tokens (chat)."),
             ):
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
             out += [
-                "# HELP dsocr_request_latency_seconds Time to the response headers.",
+                "# HELP dsocr_request_latency_seconds Time to the end of the response body.",
                 "# TYPE dsocr_request_latency_seconds histogram",
             ]
             for ep in sorted(self.latency):
@@ -172,6 +194,55 @@ class Metrics:
         for name, (help_, value) in gauges.items():
             out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:g}"]
         return "\n".join(out) + "\n"
+
+
+class AuthAndMetrics:
+    """Pure ASGI middleware: the optional Bearer key on ``/v1/*``, and every request's status and
+    latency to the end of its body (a stream's last event) into ``Metrics``. A stream that ends in
+    an error event sets ``request.state.stream_status``, which is counted instead of its 200.
+
+    Not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware wraps ``receive`` so that
+    ``Request.is_disconnected()`` never sees a client leave, which the chat handler relies on.
+    """
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in KNOWN_PATHS else "other"
+        status = {"code": 500}  # an app that dies before answering
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and path.startswith("/v1/") and not self._authorised(scope):
+                e = APIError(
+                    401,
+                    "invalid or missing API key (Authorization: Bearer <key>)",
+                    "authentication_error",
+                    "invalid_api_key",
+                )
+                await _error_response(e)(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            code = scope.get("state", {}).get("stream_status", status["code"])
+            self.metrics.observe(endpoint, code, time.perf_counter() - t0)
+
+    def _authorised(self, scope) -> bool:
+        auth = ""
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                auth = v.decode("latin-1")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        return hmac.compare_digest(token.encode(), self.api_key.encode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +354,7 @@ class EngineWorker:
         while not self._stop.is_set():
             self._take_inbox(block=not self.engine.has_unfinished())
             self._take_cancels()
+            self.active = len(self.engine.active)  # an abort can empty the batch
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -349,7 +421,7 @@ class ChatRequest(_Loose):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    mode: str = "base"  # extension: resolution mode
+    mode: str | None = None  # extension: resolution mode (None: the model's default)
     ignore_eos: bool = False  # extension (as vLLM): always run max_tokens
 
 
@@ -379,7 +451,10 @@ def create_app(
 ) -> FastAPI:
     """The server for a loaded ``OCR``. ``max_new_tokens`` is the default/ceiling of
     ``max_tokens``. The engine worker starts with the app (lifespan) and stops with it."""
+    from dsocr.api import model_defaults
+
     model_name = model_name or (Path(ocr.source).name if ocr.source else "dsocr")
+    default_mode = model_defaults(ocr.source or None).get("mode", "base")
     metrics = Metrics()
     worker = EngineWorker(ocr, max_batch_size, max_queue, metrics)
     ocr_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsocr-convert")
@@ -426,36 +501,23 @@ def create_app(
             )
         )
 
-    @app.middleware("http")
-    async def _auth_and_metrics(request: HTTPRequest, call_next):
-        t0 = time.perf_counter()
-        path = request.url.path
-        endpoint = path if path in KNOWN_PATHS else "other"
-        if api_key is not None and path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                response = _error_response(
-                    APIError(
-                        401,
-                        "invalid or missing API key (Authorization: Bearer <key>)",
-                        "authentication_error",
-                        "invalid_api_key",
-                    )
-                )
-                metrics.observe(endpoint, 401, time.perf_counter() - t0)
-                return response
-        try:
-            response = await call_next(request)
-        except Exception as e:  # noqa: BLE001
-            response = _error_response(APIError(500, f"internal error: {e}", "server_error"))
-        metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
-        return response
+    app.add_middleware(AuthAndMetrics, api_key=api_key, metrics=metrics)
 
     def check_length(request: HTTPRequest, limit: int) -> None:
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > limit:
             raise _too_large(f"request body of {int(n)} bytes exceeds the limit of {limit}")
+
+    async def read_body(request: HTTPRequest, limit: int) -> bytes:
+        """The body, refused (413) as soon as it passes ``limit``: a chunked upload has no
+        Content-Length to check first."""
+        check_length(request, limit)
+        buf = bytearray()
+        async for piece in request.stream():
+            buf += piece
+            if len(buf) > limit:
+                raise _too_large(f"request body exceeds the limit of {limit} bytes")
+        return bytes(buf)
 
     # ---------------------------------------------------------------- info endpoints
     @app.get("/health")
@@ -490,7 +552,24 @@ def create_app(
         )
 
     # ---------------------------------------------------------------- chat completions
-    def decode_image(url: str) -> Image.Image:
+    def fetch_remote(url: str, deadline: float) -> bytes:
+        """GET an http(s) image URL (only with ``allow_remote_urls``), capped at the upload
+        limit and the request's deadline."""
+        import urllib.error
+        import urllib.request
+
+        timeout = max(0.1, min(30.0, deadline - time.monotonic()))
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - opted in
+                raw = r.read(max_upload_bytes + 1)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise APIError(400, f"cannot fetch {url}: {reason}", code="remote_url_failed") from None
+        if len(raw) > max_upload_bytes:
+            raise _too_large(f"{url}: image exceeds the upload limit of {max_upload_bytes} bytes")
+        return raw
+
+    def decode_image(url: str, deadline: float) -> Image.Image:
         if url.startswith(("http://", "https://")):
             if not allow_remote_urls:
                 raise APIError(
@@ -498,11 +577,12 @@ def create_app(
                     "remote image URLs are disabled on this server; send a data: URL (base64)",
                     code="remote_url_disabled",
                 )
-            raise APIError(
-                400,
-                "fetching remote image URLs is not implemented; send a data: URL",
-                code="remote_url_not_implemented",
-            )
+            raw = fetch_remote(url, deadline)
+        else:
+            raw = decode_data_url(url)
+        return open_image(raw)
+
+    def decode_data_url(url: str) -> bytes:
         if not url.startswith("data:") or "," not in url:
             raise APIError(
                 400,
@@ -518,6 +598,9 @@ def create_app(
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise APIError(400, "image data is not valid base64", code="invalid_image") from None
+        return raw
+
+    def open_image(raw: bytes) -> Image.Image:
         if len(raw) > max_upload_bytes:
             raise _too_large(
                 f"image of {len(raw)} bytes exceeds the upload limit of {max_upload_bytes} bytes"
@@ -531,7 +614,7 @@ def create_app(
             )
         try:
             img = Image.open(BytesIO(raw))
-            check_image_size(img)
+            check_image_size(img, MAX_PIXELS)  # the same limit as /v1/ocr and convert
             img.load()
             return img.convert("RGB")
         except APIError:
@@ -539,12 +622,12 @@ def create_app(
         except Exception as e:  # noqa: BLE001 - a broken image is the client's problem
             raise APIError(400, f"cannot decode image: {e}", code="invalid_image") from None
 
-    def prepare(body: ChatRequest) -> _Prepared:
+    def prepare(body: ChatRequest, deadline: float) -> _Prepared:
         """Prompt text + images from the messages -> an engine Request (runs in a thread)."""
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", code="unsupported_n")
         try:
-            mode = get_mode(body.mode)
+            mode = get_mode(body.mode or default_mode)
         except KeyError as e:
             raise APIError(422, str(e.args[0]), code="invalid_mode") from None
         texts: list[str] = []
@@ -565,7 +648,7 @@ def create_app(
                     )
                     if not url:
                         raise APIError(400, "image_url part without a url", code="invalid_image")
-                    images.append(decode_image(url))
+                    images.append(decode_image(url, deadline))
                 else:
                     raise APIError(
                         400,
@@ -612,8 +695,7 @@ def create_app(
         return _Prepared(request, len(images))
 
     async def parse_chat(request: HTTPRequest) -> ChatRequest:
-        check_length(request, 2 * max_upload_bytes + 2**20)
-        raw = await request.body()
+        raw = await read_body(request, 2 * max_upload_bytes + 2**20)
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -646,11 +728,24 @@ def create_app(
             metrics.add(pages=prep.n_images)
         return rid, events
 
-    async def next_event(events: asyncio.Queue, deadline: float):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        ev = await asyncio.wait_for(events.get(), remaining)
+    async def next_event(events: asyncio.Queue, deadline: float, http: HTTPRequest | None = None):
+        """The request's next StreamEvent. With ``http``, polls for a client disconnect (raises
+        ``ConnectionError``); a StreamingResponse watches for that itself."""
+        while True:
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0:
+                raise TimeoutError
+            if http is not None and now >= getattr(http.state, "poll_at", 0.0):
+                http.state.poll_at = now + DISCONNECT_POLL_S  # tokens can arrive every few ms
+                if await http.is_disconnected():
+                    raise ConnectionError("client disconnected")
+            wait = remaining if http is None else min(remaining, DISCONNECT_POLL_S)
+            try:
+                ev = await asyncio.wait_for(events.get(), wait)
+                break
+            except TimeoutError:
+                continue
         if isinstance(ev, Exception):
             raise APIError(
                 500, f"generation failed: {type(ev).__name__}: {ev}", "server_error", "engine_error"
@@ -673,20 +768,23 @@ def create_app(
     async def chat_completions(request: HTTPRequest):
         deadline = time.monotonic() + request_timeout_s
         body = await parse_chat(request)
-        prep = await asyncio.to_thread(prepare, body)
+        prep = await asyncio.to_thread(prepare, body, deadline)
         rid, events = submit(prep)
         cid = f"chatcmpl-{rid}"
         if not body.stream:
             parts: list[str] = []
             try:
                 while True:
-                    ev = await next_event(events, deadline)
+                    ev = await next_event(events, deadline, request)
                     parts.append(ev.text)
                     if ev.result is not None:
                         break
             except TimeoutError:
                 worker.cancel(rid)
                 raise timeout_error() from None
+            except ConnectionError:  # nobody to answer; 499 as nginx logs it
+                worker.cancel(rid)
+                return Response(status_code=499)
             except BaseException:
                 worker.cancel(rid)
                 raise
@@ -734,9 +832,11 @@ def create_app(
                         ev = await next_event(events, deadline)
                     except TimeoutError:
                         e = timeout_error()
+                        request.state.stream_status = e.status
                         yield f"data: {json.dumps(error_body(e.message, e.type, e.code))}\n\n"
                         break
                     except APIError as e:
+                        request.state.stream_status = e.status
                         yield f"data: {json.dumps(error_body(e.message, e.type, e.code))}\n\n"
                         done = True
                         break
@@ -767,10 +867,12 @@ def create_app(
         )
 
     # ---------------------------------------------------------------- document OCR
-    def run_convert(path: Path, options: dict) -> Any:
+    def run_convert(path: Path, options: dict, cancel: threading.Event) -> Any:
         from dsocr.pipeline.convert import convert
 
-        (doc,) = convert([path], ocr=ocr, out_dir=None, batch_size=max_batch_size, **options)
+        (doc,) = convert(
+            [path], ocr=ocr, out_dir=None, batch_size=max_batch_size, cancel=cancel, **options
+        )
         return doc
 
     @app.post("/v1/ocr")
@@ -806,7 +908,15 @@ def create_app(
             "dpi": float,
             "max_new_tokens": int,
             "html_tables_to_markdown": lambda v: v.lower() in ("1", "true", "yes"),
+            "password": str,
         }
+        unknown = sorted(set(form.keys()) - set(converters) - set(OCR_FIELDS))
+        if unknown:
+            raise APIError(
+                422,
+                f"unknown field(s) {', '.join(unknown)}; known: {', '.join(converters)}",
+                code="invalid_fields",
+            )
         for name, conv in converters.items():
             v = form.get(name)
             if v is None or v == "":
@@ -831,15 +941,16 @@ def create_app(
         ocr_state["outstanding"] += 1
         tmp = tempfile.TemporaryDirectory(prefix="dsocr-serve-")
         handed_off = False
+        upload_name = upload_stem(upload.filename) + "." + kind
+        cancel = threading.Event()
         try:
-            name = "upload." + ("pdf" if kind == "pdf" else kind)
-            path = Path(tmp.name) / name
+            path = Path(tmp.name) / upload_name
             path.write_bytes(data)
             try:
-                n = await asyncio.to_thread(count_pages, path)
+                n = await asyncio.to_thread(count_pages, path, options.get("password"))
                 selected = len(parse_page_ranges(options["pages"], n)) if "pages" in options else n
             except InputError as e:
-                raise APIError(400, e.reason, code="invalid_file") from None
+                raise APIError(400, api_reason(e.reason), code="invalid_file") from None
             except ValueError as e:
                 raise APIError(422, f"pages: {e}", code="invalid_fields") from None
             if selected > max_pages:
@@ -849,7 +960,9 @@ def create_app(
                     f"{max_pages} per request (use 'pages')",
                     code="too_many_pages",
                 )
-            fut = asyncio.get_running_loop().run_in_executor(ocr_pool, run_convert, path, options)
+            fut = asyncio.get_running_loop().run_in_executor(
+                ocr_pool, run_convert, path, options, cancel
+            )
 
             def _cleanup(_f):
                 ocr_state["outstanding"] -= 1
@@ -862,6 +975,7 @@ def create_app(
                     asyncio.shield(fut), max(0.0, deadline - time.monotonic())
                 )
             except TimeoutError:
+                cancel.set()  # stops it before its next engine step, freeing the OCR slot
                 raise timeout_error() from None
         finally:
             if not handed_off:
@@ -870,9 +984,11 @@ def create_app(
         if doc.status == "failed":
             exc = doc.exception
             if isinstance(exc, InputError):
-                raise APIError(400, exc.reason, code="invalid_file")
-            raise APIError(500, doc.error or "conversion failed", "server_error", "convert_failed")
+                raise APIError(400, api_reason(exc.reason), code="invalid_file")
+            error = (doc.error or "conversion failed").replace(str(path), upload_name)
+            raise APIError(500, error, "server_error", "convert_failed")
         doc_json = doc.to_json()
+        doc_json["source"], doc_json["model"] = upload_name, model_name  # no server paths
         metrics.add(pages=len(doc.pages), generated=doc_json["tokens"]["generated"])
         return {
             "object": "ocr.document",
@@ -882,6 +998,23 @@ def create_app(
         }
 
     return app
+
+
+def upload_stem(filename: str | None) -> str:
+    """A safe file stem from a client's upload name: its last path part, letters, digits and
+    ``._-`` only, at most 100 characters; "upload" when nothing is left."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    stem = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)
+    stem = stem.rsplit(".", 1)[0] if "." in stem.strip(".") else stem
+    stem = stem.strip("._")[:100]
+    return stem or "upload"
+
+
+def api_reason(reason: str) -> str:
+    """An input error's reason, with the CLI's option names put as this API's form fields."""
+    return reason.replace("(--password)", "(the 'password' form field)").replace(
+        "--password", "the 'password' form field"
+    )
 
 
 def serve(
@@ -918,4 +1051,12 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["APIError", "EngineWorker", "Metrics", "create_app", "serve"]
+__all__ = [
+    "APIError",
+    "AuthAndMetrics",
+    "EngineWorker",
+    "Metrics",
+    "create_app",
+    "serve",
+    "upload_stem",
+]
