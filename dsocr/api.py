@@ -34,6 +34,34 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device | None) -> str:
+    """``device`` (None: ``default_device()``) as a string, or a ValueError that says why it
+    cannot be used here: an unknown name, or CUDA/MPS missing from this torch build or machine."""
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device {str(device)!r}: not a device name (use cpu, cuda, cuda:N or mps)"
+        ) from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU found"
+            raise ValueError(f"device {str(device)!r}: CUDA is not available ({why})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"device {str(device)!r}: unsupported device type {d.type!r} (cpu, cuda, mps)"
+        )
+    return str(device)
+
+
 def resolve_model_source(source: str | Path | None) -> Path | str:
     """A checkpoint folder for ``source``: a path, a bundled model name, or a config variant name."""
     source = DEFAULT_MODEL if source is None else source
@@ -170,7 +198,7 @@ def load_model(
 
     ``dtype=None`` picks float32 on CPU and bfloat16 on GPUs.
     """
-    device = device or default_device()
+    device = check_device(device)
     resolved = resolve_model_source(source)
     model = load_checkpoint(resolved, device=device, dtype=dtype)
     if isinstance(resolved, Path) and (resolved / "tokenizer.json").is_file():

@@ -42,6 +42,33 @@ def cmd_ocr(args) -> int:
     return status
 
 
+def _printable(value) -> str:
+    """A path or name on one terminal line: control characters (a newline in a file name)
+    shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
+def _read_summary(out):
+    """The run's ``OUT/.dsocr/summary.json`` as a BatchSummary (None if missing/unreadable)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from dsocr.pipeline.workspace import META_DIR, BatchSummary
+
+    try:
+        data = json.loads((Path(out) / META_DIR / "summary.json").read_text(encoding="utf-8"))
+        names = {f.name for f in dataclasses.fields(BatchSummary)}
+        return BatchSummary(**{k: v for k, v in data.items() if k in names})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings on one line, as the errors are (no source file or code line)."""
+    return f"dsocr: warning: {message}\n"
+
+
 def cmd_convert(args) -> int:
     from dsocr.distributed import RayUnavailable
     from dsocr.pipeline.convert import convert
@@ -53,8 +80,8 @@ def cmd_convert(args) -> int:
             print(f"dsocr: error: {doc.error}", file=sys.stderr)
         else:
             print(
-                f"{doc.status}: {doc.source} -> {doc.folder} ({len(doc.pages)} pages, "
-                f"{len(doc.flagged_pages)} flagged)",
+                f"{doc.status}: {_printable(doc.source)} -> {_printable(doc.folder)} "
+                f"({len(doc.pages)} pages, {len(doc.flagged_pages)} flagged)",
                 file=sys.stderr,
             )
 
@@ -106,6 +133,9 @@ def cmd_convert(args) -> int:
         print(f"dsocr: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        saved = _read_summary(args.out)
+        if saved is not None:
+            print(saved.format(), file=sys.stderr)
         print("dsocr: interrupted; finished documents are kept, rerun to resume", file=sys.stderr)
         return 130
     summary = BatchSummary.from_documents(docs)
@@ -284,11 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="checkpoint folder, bundled model or variant (default: dsocr-mini)",
     )
-    v.add_argument("--device", default=None)
-    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    v.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if present)"
+    )
+    v.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on GPUs, float32 on CPUs",
+    )
     v.add_argument("--batch-size", type=int, default=8, help="pages decoded together")
     v.add_argument("--pages", default=None, help="page ranges, e.g. 1-5,9 (1-based)")
-    v.add_argument("--dpi", type=int, default=144, help="PDF rasterisation")
+    v.add_argument(
+        "--dpi", type=float, default=144, help="PDF rasterisation (default: 144, as official)"
+    )
     v.add_argument("--password", default=None, help="for encrypted PDFs")
     v.add_argument("--max-new-tokens", type=int, default=8192)
     v.add_argument(
@@ -375,7 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

@@ -93,7 +93,7 @@ def convert_ray(
         inputs = [inputs]
     opts = ConvertOptions(**(model_defaults(model) | options))  # validate before starting Ray
     workspace = Workspace(out_dir)  # checks that the folder can be written
-    planned = plan_inputs(inputs)
+    planned = plan_inputs(inputs, workspace)
     todo = [p for p in planned if p.error is None]
     results: dict[str, dict] = {}
     if todo:

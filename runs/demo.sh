@@ -15,7 +15,7 @@ if [ ! -f dsocr/assets/dsocr-mini/config.json ]; then
 fi
 out=out/demo
 rm -rf "$out"  # a rerun would otherwise skip the finished page (resume) and print nothing new
-echo "== dsocr convert samples/austen-sans32.png samples/austen-512.png -o $out --model $model --device cpu"
+echo "== dsocr convert samples/austen-sans32.png samples/austen-512.png -o $out --model $model --device cpu --max-new-tokens 160"
 dsocr convert samples/austen-sans32.png samples/austen-512.png -o "$out" --model "$model" --device cpu \
     --max-new-tokens 160
 for page in austen-sans32 austen-512; do

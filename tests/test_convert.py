@@ -34,7 +34,7 @@ from dsocr.pipeline.convert import (
 from dsocr.pipeline.output import write_document
 from dsocr.pipeline.postprocess import grid_to_pixels
 from dsocr.pipeline.providers import InputError
-from dsocr.pipeline.workspace import BatchSummary, OutputError, Workspace
+from dsocr.pipeline.workspace import HOST_TAG, BatchSummary, OutputError, Workspace
 from dsocr.vision.preprocess import count_image_tokens
 
 pdfium = pytest.importorskip("pypdfium2")
@@ -563,3 +563,157 @@ def test_end_to_end_with_the_tiny_model(ocr, tmp_path):
         assert "truncated" in page["flags"]
     assert BatchSummary.from_documents(docs).exit_code == 0
     assert pdf_pages(out / "page/page_layouts.pdf") == 1
+
+
+# --- reruns keep what was finished --------------------------------------------------------------
+
+
+def test_failed_replacement_puts_the_finished_folder_back(ocr, tmp_path, monkeypatch):
+    import dsocr.pipeline.workspace as ws_mod
+
+    src, out = png(tmp_path / "page.png"), tmp_path / "out"
+    Converter(ocr, opts(), out, engine=FakeEngine()).convert([src])
+    before = {f: (out / "page" / f).read_bytes() for f in files_under(out / "page")}
+    marker = (out / ".dsocr/done/page.json").read_bytes()
+    real_rename = ws_mod.os.rename
+
+    def rename(a, b):
+        staging = Path(a).parent.name == "tmp" and "-old." not in Path(a).name
+        if staging and Path(b) == out / "page":  # staging -> OUT/page fails, undoing works
+            raise OSError(28, "No space left on device")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(ws_mod.os, "rename", rename)
+    conv = Converter(ocr, opts(max_new_tokens=99), out, engine=FakeEngine())  # new options: redo
+    (doc,) = conv.convert([src])
+    assert doc.status == "failed" and "No space left on device" in doc.error
+    monkeypatch.undo()
+    # the earlier complete output and its done marker are back, nothing staged is left
+    assert {f: (out / "page" / f).read_bytes() for f in files_under(out / "page")} == before
+    assert (out / ".dsocr/done/page.json").read_bytes() == marker
+    assert list((out / ".dsocr/tmp").iterdir()) == []
+    engine = FakeEngine()  # and a rerun with the first options still skips it
+    assert [d.status for d in Converter(ocr, opts(), out, engine=engine).convert([src])] == [
+        "skipped"
+    ]
+
+
+def test_crash_between_renames_is_undone_when_the_workspace_reopens(tmp_path):
+    out = tmp_path / "out"
+    Workspace(out)
+    moved = out / f".dsocr/tmp/999999999.{HOST_TAG}.0a1b2c3d-old.report"  # a dead pid's
+    moved.mkdir()
+    (moved / "report.md").write_text("finished earlier")
+    Workspace(out)
+    assert (out / "report/report.md").read_text() == "finished earlier"
+    assert list((out / ".dsocr/tmp").iterdir()) == []
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(ocr, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    png(folder / "page.png")
+    out = folder / "out"
+    conv = Converter(ocr, opts(), out, engine=FakeEngine())
+    conv.convert([folder])
+    assert (out / "page/images/0.jpg").is_file()  # a figure crop: an image inside the input
+    engine = FakeEngine()
+    docs = Converter(ocr, opts(), out, engine=engine).convert([folder])
+    assert [(d.stem, d.status) for d in docs] == [("page", "skipped")]
+    assert engine.requests == []
+
+
+def test_stems_survive_a_rerun_with_other_inputs(ocr, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = png(tmp_path / "a/x.png"), png(tmp_path / "b/x.png", color="gray")
+    out = tmp_path / "out"
+    first = Converter(ocr, opts(), out, engine=FakeEngine()).convert([a, b])
+    assert [d.stem for d in first] == ["x", "x-2"]
+    # b alone, then a new file named like them: b keeps x-2 (skipped), a's folder is not reused
+    c = png(tmp_path / "X.png", color="black")
+    engine = FakeEngine()
+    docs = Converter(ocr, opts(), out, engine=engine).convert([c, b])
+    assert [(d.stem, d.status) for d in docs] == [("X-3", "converted"), ("x-2", "skipped")]
+    assert engine.requests == [("X-3", 0)]
+    assert json.loads((out / "x/x.json").read_text())["source"] == str(a)
+
+
+def test_unusable_device_is_one_error_before_the_output_folder(tmp_path):
+    src, out = png(tmp_path / "page.png"), tmp_path / "out"
+    with pytest.raises(ValueError, match=r"device 'foo': not a device name"):
+        convert([src], "tiny", out, device="foo")
+    assert not out.exists()
+
+
+def test_summary_line_counts_flags_and_pages_done_before(ocr, tmp_path):
+    src, out = pdf(tmp_path / "doc.pdf", 2), tmp_path / "out"
+    engine = FakeEngine(script=lambda stem, i: ("cut off", "length" if i else "eos"))
+    conv = Converter(ocr, opts(task="free"), out, engine=engine)
+    conv.convert([src])
+    assert "2 page(s), 1 flagged, in" in conv.last_summary.format().splitlines()[0]
+    conv = Converter(ocr, opts(task="free"), out, engine=FakeEngine())
+    conv.convert([src])
+    head = conv.last_summary.format().splitlines()[0]
+    assert (
+        "1 skipped" in head and "0 page(s) (+ 2 done before, 1 of them flagged), 0 flagged" in head
+    )
+
+
+def test_cli_warnings_and_progress_are_one_line(tmp_path, capsys):
+    from dsocr.cli import main
+
+    src = pdf(tmp_path / "doc.pdf", 1)
+    code = main(
+        [
+            "convert",
+            str(src),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--mode",
+            "tiny",
+            "--task",
+            "free",
+            "--pages",
+            "1-3",
+            "--dpi",
+            "72.5",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"dsocr: warning: {src}: page range '1-3' clipped to 1-1 (1 pages)" in err.splitlines()
+    assert "UserWarning" not in err and ".py:" not in err
+
+
+def test_same_pages_spelled_differently_are_not_redone(ocr, tmp_path):
+    src, out = pdf(tmp_path / "doc.pdf", 3), tmp_path / "out"
+    Converter(ocr, opts(pages="2-3"), out, engine=FakeEngine()).convert([src])
+    engine = FakeEngine()
+    (doc,) = Converter(ocr, opts(pages="3,2"), out, engine=engine).convert([src])
+    assert doc.status == "skipped" and engine.requests == []
+
+
+def test_cli_prints_the_summary_when_interrupted(ocr, tmp_path, capsys, monkeypatch):
+    from dsocr.cli import main
+
+    first, second = png(tmp_path / "first.png"), png(tmp_path / "second.png")
+    out = tmp_path / "out"
+
+    model = ocr
+
+    def interrupted_convert(inputs, ocr=None, out_dir=None, **kw):  # noqa: ARG001
+        conv = Converter(model, opts(), out_dir, engine=FakeEngine(interrupt_on="second"))
+        return conv.convert(inputs, on_document=kw.get("on_document"))
+
+    monkeypatch.setattr(convert_mod, "convert", interrupted_convert)
+    code = main(["convert", str(first), str(second), "-o", str(out), "--model", "tiny"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "2 document(s): 1 converted, 0 skipped (already done), 0 failed; 1 page(s)" in err
+    assert "interrupted: finished documents are kept" in err

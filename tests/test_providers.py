@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -256,7 +257,11 @@ def test_huge_image_rejected_before_decoding(tmp_path):
     bomb = png_header_only(tmp_path / "bomb.png", 50_000, 50_000)
     with pytest.raises(InputError) as e:
         iter_pages(bomb)
-    assert "bomb.png: image too large" in reason(e)
+    # Pillow refuses it before we see the size: still our wording and our limit, not Pillow's
+    assert reason(e) == (
+        f"{bomb}: image too large: 2,500,000,000 pixels exceeds the limit of 89,478,485 "
+        "(max_pixels)"
+    )
     big = png_header_only(tmp_path / "big.png", 5_000, 5_000)
     with pytest.raises(InputError) as e:
         iter_pages(big, max_pixels=1_000_000)
@@ -339,3 +344,31 @@ def test_unique_stems():
     paths = ["a/doc.pdf", "b/doc.pdf", "c/DOC.png", "doc-2.pdf", "other.pdf", "d/doc.pdf"]
     assert unique_stems(paths) == ["doc", "doc-3", "DOC-4", "doc-2", "other", "doc-5"]
     assert unique_stems(paths) == unique_stems(list(paths))  # deterministic
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError) as e:  # opening it for reading would block forever
+        iter_pages(fifo)
+    assert reason(e) == f"{fifo}: not a regular file (a FIFO, socket or device)"
+
+
+def test_page_range_messages_quote_the_range_as_written(tmp_path):
+    from dsocr.pipeline.providers import canonical_page_spec, page_range_items
+
+    with pytest.raises(ValueError, match=r"reversed page range '5-3': write 3-5"):
+        page_range_items("1,5-3")
+    with pytest.raises(ValueError, match=r"invalid page range '0-2'"):
+        page_range_items("0-2")
+    three = blank_pdf(tmp_path / "three.pdf", 3)
+    with pytest.raises(InputError, match=r"selects no page of a 3-page document"):
+        with pytest.warns(UserWarning, match=r"three\.pdf: page range '7-' is beyond"):
+            iter_pages(three, pages="7-")
+    with pytest.warns(UserWarning, match=r"three\.pdf: page range '2-9' clipped to 2-3"):
+        assert [p.index for p in iter_pages(three, pages="2-9")] == [1, 2]
+    assert canonical_page_spec("3,2") == canonical_page_spec("2-3") == "2-3"
+    assert canonical_page_spec("5-, 1-2, 2") == "1-2,5-"
+    assert canonical_page_spec("1-4,3-9,11") == "1-9,11"
+    assert canonical_page_spec("4-,2-6") == "2-"

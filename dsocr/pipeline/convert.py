@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import re
 import threading
 import time
 import warnings
@@ -77,9 +76,10 @@ from dsocr.pipeline.providers import (
     MAX_PIXELS,
     InputError,
     PageImage,
+    canonical_page_spec,
     discover_inputs,
     iter_pages,
-    parse_page_ranges,
+    page_range_items,
     sniff_type,
     unique_stems,
 )
@@ -188,7 +188,7 @@ class ConvertOptions:
             "prompt": self.resolved_prompt(),
             "mode": mode,
             "dpi": float(self.dpi),
-            "pages": self.pages,
+            "pages": None if self.pages is None else canonical_page_spec(self.pages),
             "max_new_tokens": self.max_new_tokens,
             "ngram_size": self.ngram_size,
             "ngram_window": self.ngram_window,
@@ -200,19 +200,12 @@ class ConvertOptions:
 
 
 def _check_page_spec(spec: str) -> None:
-    """Reject a malformed page range once, up front (each document is checked again).
-
-    The numbers are replaced by their ranks (0 stays 0) so a huge page number costs nothing;
-    order, zeros and syntax, all that can make a spec invalid, are kept.
-    """
-    ranks = {n: i for i, n in enumerate(sorted({int(x) for x in re.findall(r"\d+", spec)} | {0}))}
-    small = re.sub(r"\d+", lambda m: str(ranks[int(m.group())]), spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            parse_page_ranges(small, max(len(ranks) - 1, 1))
-        except ValueError as e:
-            raise ValueError(f"pages: {e}") from None
+    """Reject a malformed page range once, up front (each document is checked again against
+    its own length): syntax, page 0 and reversed ranges, quoted as written."""
+    try:
+        page_range_items(spec)
+    except ValueError as e:
+        raise ValueError(f"pages: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +429,8 @@ _END = object()  # the producer has nothing more
 def _identify(path: Path) -> tuple[str, str | None]:
     """(sha256 of the bytes, sniffed type) of an input file; InputError if it cannot be read."""
     h = hashlib.sha256()
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise InputError(path, "not a regular file (a FIFO, socket or device)")
     try:
         with open(path, "rb") as f:
             head = f.read(1024)
@@ -775,17 +770,24 @@ class PlannedInput(NamedTuple):
     error: InputError | None = None
 
 
-def plan_inputs(inputs: Iterable[str | os.PathLike]) -> list[PlannedInput]:
+def plan_inputs(
+    inputs: Iterable[str | os.PathLike], workspace: Workspace | None = None
+) -> list[PlannedInput]:
     """Files, folders and globs -> one :class:`PlannedInput` per file, with unique safe stems.
 
     Loads no model, so a driver can plan a batch and hand shares of it to workers that write to
-    the same output folder without their stems colliding.
+    the same output folder without their stems colliding. With the batch's ``workspace``, files
+    under the output folder are not inputs (a rerun into a folder inside the input would read
+    its own results), a file finished there before keeps its stem whatever else the batch
+    holds, and the folders of other earlier documents are not reused.
     """
+    exclude = workspace.root if workspace is not None else None
+    previous = workspace.previous_stems() if workspace is not None else {}
     entries: list[tuple[Path, InputError | None]] = []
     seen: set[Path] = set()
     for item in inputs:
         try:
-            found = discover_inputs([item])
+            found = discover_inputs([item], exclude=exclude)
             if not found:
                 raise InputError(item, "no PDF or image files found")
         except InputError as e:
@@ -796,7 +798,18 @@ def plan_inputs(inputs: Iterable[str | os.PathLike]) -> list[PlannedInput]:
             if key not in seen:
                 seen.add(key)
                 entries.append((path, None))
-    stems = unique_stems([p for p, _ in entries])
+    stems: list[str | None] = [None] * len(entries)
+    claimed: set[str] = set()
+    for i, (p, err) in enumerate(entries):
+        stem = previous.get(p.resolve()) if err is None else None
+        if stem is not None and stem.casefold() not in claimed:
+            stems[i] = stem
+            claimed.add(stem.casefold())
+    this_run = {p.resolve() for p, _ in entries}
+    reserved = {s.casefold() for src, s in previous.items() if src not in this_run}
+    rest = [i for i, s in enumerate(stems) if s is None]
+    for i, stem in zip(rest, unique_stems([entries[i][0] for i in rest], avoid=claimed | reserved)):
+        stems[i] = stem
     return [PlannedInput(p, stem, err) for (p, err), stem in zip(entries, stems)]
 
 
@@ -863,7 +876,9 @@ class Converter:
         """
         inputs = list(inputs)
         planned = (
-            inputs if all(isinstance(x, PlannedInput) for x in inputs) else plan_inputs(inputs)
+            inputs
+            if all(isinstance(x, PlannedInput) for x in inputs)
+            else plan_inputs(inputs, self.workspace)
         )
         o = self.options
         docs = []
@@ -1056,8 +1071,10 @@ def convert(
     Setting ``cancel`` (a ``threading.Event``) from another thread stops the run with
     ``Cancelled`` before the next engine step.
     """
-    from dsocr.api import model_defaults
+    from dsocr.api import check_device, model_defaults
 
+    if device is not None:
+        check_device(device)  # before the output folder is made
     # A checkpoint's own defaults (meta.json: the mode and task it was trained for) fill in what
     # the caller left out; official checkpoints keep the official ones (gundam, markdown).
     source = getattr(ocr, "source", ocr)

@@ -89,6 +89,45 @@ class PageImage:
 _RANGE_RE = re.compile(r"^(\d+)(?:\s*(-)\s*(\d*))?$")
 
 
+def page_range_items(spec: str) -> list[tuple[str, int, int | None]]:
+    """The items of a page range spec as ``(text, first, last)``, 1-based (``last`` None: to the
+    end), without knowing the document. Raises ValueError for an empty or malformed item, page 0
+    or a reversed range, quoting the item as the user wrote it."""
+    items = [s.strip() for s in spec.split(",")]
+    if not spec.strip() or any(not s for s in items):
+        raise ValueError(f"empty item in page range {spec!r}")
+    out = []
+    for item in items:
+        m = _RANGE_RE.match(item)
+        if m is None:
+            raise ValueError(f"invalid page range {item!r}: use N, A-B or A- (1-based), e.g. 1-5,9")
+        a = int(m.group(1))
+        b = a if m.group(2) is None else (int(m.group(3)) if m.group(3) else None)
+        if a == 0 or b == 0:
+            raise ValueError(f"invalid page range {item!r}: pages are numbered from 1")
+        if b is not None and b < a:
+            raise ValueError(f"reversed page range {item!r}: write {b}-{a}")
+        out.append((item, a, b))
+    return out
+
+
+def canonical_page_spec(spec: str) -> str:
+    """One spelling per selection, independent of the document: ``"3,2"`` and ``"2-3"`` give
+    ``"2-3"``; ``"5-,1-2"`` gives ``"1-2,5-"`` (so a resume fingerprint does not depend on it)."""
+    spans = sorted((a, math.inf if b is None else b) for _, a, b in page_range_items(spec))
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+
+    def fmt(a, b):
+        return f"{a}-" if b == math.inf else (f"{a}" if a == b else f"{a}-{b}")
+
+    return ",".join(fmt(int(a), b if b == math.inf else int(b)) for a, b in merged)
+
+
 def parse_page_ranges(spec: str, n_pages: int) -> list[int]:
     """``"1-5,9"`` (1-based, inclusive; ``"7-"`` means to the end) -> sorted 0-based indices.
 
@@ -97,20 +136,9 @@ def parse_page_ranges(spec: str, n_pages: int) -> list[int]:
     """
     if n_pages < 1:
         raise ValueError(f"document has no pages (n_pages={n_pages})")
-    items = [s.strip() for s in spec.split(",")]
-    if not spec.strip() or any(not s for s in items):
-        raise ValueError(f"empty item in page range {spec!r}")
     selected: set[int] = set()
-    for item in items:
-        m = _RANGE_RE.match(item)
-        if m is None:
-            raise ValueError(f"invalid page range {item!r}: use N, A-B or A- (1-based), e.g. 1-5,9")
-        a = int(m.group(1))
-        b = a if m.group(2) is None else (int(m.group(3)) if m.group(3) else n_pages)
-        if a == 0 or b == 0:
-            raise ValueError(f"invalid page range {item!r}: pages are numbered from 1")
-        if b < a:
-            raise ValueError(f"reversed page range {item!r}: write {b}-{a}")
+    for item, a, b in page_range_items(spec):
+        b = n_pages if b is None else b
         if a > n_pages:
             warnings.warn(
                 f"page range {item!r} is beyond the document ({n_pages} pages); skipped",
@@ -133,9 +161,15 @@ def _select(path, pages: str | Sequence[int] | None, n: int) -> list[int]:
         return list(range(n))
     if isinstance(pages, str):
         try:
-            return parse_page_ranges(pages, n)
-        except ValueError as e:
-            raise InputError(path, str(e)) from None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    return parse_page_ranges(pages, n)
+                except ValueError as e:
+                    raise InputError(path, str(e)) from None
+        finally:
+            for w in caught:  # say which document a clipped range belongs to
+                warnings.warn(f"{_printable(str(path))}: {w.message}", w.category, stacklevel=3)
     bad = [i for i in pages if not 0 <= int(i) < n]
     if bad:
         raise InputError(path, f"page indices {bad} out of range for {n} pages (0-based)")
@@ -170,6 +204,8 @@ def _check_file(path: Path) -> str:
             raise InputError(path, "file not found")
         if path.is_dir():
             raise InputError(path, "is a directory, not a file")
+        if not path.is_file():  # opening a FIFO would block the whole batch
+            raise InputError(path, "not a regular file (a FIFO, socket or device)")
         if path.stat().st_size == 0:
             raise InputError(path, "empty file (0 bytes)")
         with open(path, "rb") as f:
@@ -345,7 +381,7 @@ def _open_image(path: Path, fp, max_pixels: int | None) -> Image.Image:
         try:
             img = Image.open(fp)
         except Image.DecompressionBombError as e:
-            raise InputError(path, f"image too large: {e}") from None
+            raise InputError(path, _bomb_reason(e, max_pixels)) from None
         except UnidentifiedImageError:
             raise InputError(path, "corrupt image (Pillow cannot identify it)") from None
         except Exception as e:  # noqa: BLE001 - decoders raise many types on bad headers
@@ -355,6 +391,17 @@ def _open_image(path: Path, fp, max_pixels: int | None) -> Image.Image:
     if max_pixels is not None:
         _check_pixels(path, img, max_pixels)
     return img
+
+
+def _bomb_reason(e: Image.DecompressionBombError, max_pixels: int | None) -> str:
+    """Pillow's bomb error (raised before the size is known to us) in our terms and limit."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    limit = max_pixels or MAX_PIXELS
+    if m is None:
+        return f"image too large: over the limit of {limit:,} pixels (max_pixels)"
+    return (
+        f"image too large: {int(m.group(1)):,} pixels exceeds the limit of {limit:,} (max_pixels)"
+    )
 
 
 def _check_pixels(path, img: Image.Image, max_pixels: int) -> None:
@@ -382,7 +429,7 @@ def _iter_image(path, fp, img, indices, n, max_pixels) -> Iterator[PageImage]:
                 except InputError:
                     raise
                 except Image.DecompressionBombError as e:
-                    raise InputError(path, f"image too large: {e}") from None
+                    raise InputError(path, _bomb_reason(e, max_pixels)) from None
                 except Exception as e:  # noqa: BLE001 - truncated data, bad codecs, ...
                     where = f"frame {i + 1}: " if n > 1 else ""
                     raise InputError(
@@ -421,28 +468,37 @@ def _is_supported_name(p: Path) -> bool:
     return p.suffix.lower() in SUPPORTED_EXTENSIONS and not p.name.startswith(".")
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, exclude: Path | None = None) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(folder):  # symlinked folders are not followed (no loops)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if exclude is not None:
+            dirs[:] = [d for d in dirs if (Path(root) / d).resolve() != exclude]
         found += [Path(root) / f for f in files if _is_supported_name(Path(f))]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def discover_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def discover_inputs(
+    inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
+) -> list[Path]:
     """Expand files, folders (recursive) and glob patterns into a de-duplicated file list.
 
     A file named explicitly is kept whatever its extension (its type is checked later by magic
     bytes). Folders and globs contribute only files with SUPPORTED_EXTENSIONS, skipping hidden
-    files and folders (``.DS_Store``, ``._x.pdf``). Order: inputs in the given order, each
-    folder's or glob's files sorted; a file seen twice (same resolved path) is kept once.
-    Raises :class:`InputError` for a path that does not exist and matches no glob.
+    files and folders (``.DS_Store``, ``._x.pdf``) and anything under ``exclude`` (the output
+    folder, so that a rerun into a folder inside the input does not read its own results).
+    Order: inputs in the given order, each folder's or glob's files sorted; a file seen twice
+    (same resolved path) is kept once. Raises :class:`InputError` for a path that does not exist
+    and matches no glob.
     """
     out: list[Path] = []
     seen: set[Path] = set()
+    skip = Path(exclude).resolve() if exclude is not None else None
 
-    def add(p: Path) -> None:
+    def add(p: Path, found: bool = True) -> None:
         key = p.resolve()
+        if found and skip is not None and key.is_relative_to(skip):
+            return
         if key not in seen:
             seen.add(key)
             out.append(p)
@@ -450,17 +506,17 @@ def discover_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for f in _walk(p):
+            for f in _walk(p, skip):
                 add(f)
         elif p.exists():
-            add(p)
+            add(p, found=False)
         elif any(c in str(item) for c in "*?["):
             matches = sorted(glob.glob(str(item), recursive=True))
             if not matches:
                 raise InputError(item, "glob pattern matches no file")
             for m in map(Path, matches):
                 if m.is_dir():
-                    for f in _walk(m):
+                    for f in _walk(m, skip):
                         add(f)
                 elif _is_supported_name(m):
                     add(m)
@@ -507,15 +563,18 @@ def safe_stem(path: str | os.PathLike, max_bytes: int = 120, fallback: str = "do
     return name or fallback
 
 
-def unique_stems(paths: Sequence[str | os.PathLike], max_bytes: int = 120) -> list[str]:
+def unique_stems(
+    paths: Sequence[str | os.PathLike], max_bytes: int = 120, avoid: Iterable[str] = ()
+) -> list[str]:
     """:func:`safe_stem` for each path, repeats suffixed ``-2``, ``-3``... in input order.
 
     Comparison is case-insensitive (case-insensitive file systems); a suffixed name never
-    collides with another path's own stem. Deterministic for a given input order.
+    collides with another path's own stem, nor with a name in ``avoid`` (stems already taken,
+    e.g. by other documents of an earlier run). Deterministic for a given input order.
     """
     stems = [safe_stem(p, max_bytes=max_bytes) for p in paths]
-    taken = {s.casefold() for s in stems}
-    used: set[str] = set()
+    used: set[str] = {a.casefold() for a in avoid}
+    taken = {s.casefold() for s in stems} | used
     out = []
     for s in stems:
         key = s.casefold()

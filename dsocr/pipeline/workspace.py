@@ -12,7 +12,8 @@ Contract:
   exists. The key is ``sha256(source bytes) + sha256(output-affecting options and model)``, so a
   changed file or changed options redo the document; an unchanged one is skipped.
 - A document is written completely into a staging folder, then renamed into ``OUT/<stem>``
-  (an older folder of the same stem is renamed away first and deleted after), then its marker is
+  (an older folder of the same stem is renamed away first and deleted after; if the rename in
+  fails, or the process dies in between, the older folder goes back), then its marker is
   written. Ctrl-C or a crash at any point leaves either no folder, the old complete folder or the
   new complete one, and only complete documents have markers; the staging folder is removed on
   any exception (``KeyboardInterrupt`` included), and stale staging folders of dead processes are
@@ -143,7 +144,35 @@ class Workspace:
         path = self.folder(stem) / f"{stem}.json"
         return json.loads(path.read_text(encoding="utf-8"))
 
+    def previous_stems(self) -> dict[Path, str]:
+        """Resolved source path -> stem, for every document an earlier run finished here, so
+        that a rerun with a different set or order of inputs keeps each file's folder."""
+        out: dict[Path, str] = {}
+        for marker in sorted(self.done_dir.glob("*.json")):
+            try:
+                record = json.loads(marker.read_text(encoding="utf-8"))
+                stem = record["stem"]
+                source = Path(record.get("source_path") or Path(record["source"]).resolve())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(stem, str) and marker.stem == stem and (self.root / stem).is_dir():
+                out[source] = stem
+        return out
+
     # ---------------------------------------------------------------- writing
+    def _restore(self, old: Path | None, final: Path, marker: Path, old_marker: bytes | None):
+        """Undo a failed replacement: the earlier complete folder and its done marker go back,
+        so a failed rerun loses nothing that was finished before."""
+        try:
+            if old is not None and not final.exists():
+                os.rename(old, final)
+            if old_marker is not None and final.is_dir():
+                tmp = marker.with_name(f".{marker.name}.restore")
+                tmp.write_bytes(old_marker)
+                os.replace(tmp, marker)
+        except OSError:
+            pass  # the disk refuses even this: the old folder stays under .dsocr/tmp
+
     def commit(self, doc: Document, key: str, write: Callable[[Document, Path], Any]) -> Path:
         """Write ``doc`` via ``write(doc, staging_folder)``, move it to ``OUT/<stem>``, mark it done.
 
@@ -156,15 +185,21 @@ class Workspace:
         marker = self.marker_path(doc.stem)
         tag = f"{os.getpid()}.{HOST_TAG}.{secrets.token_hex(4)}"
         staging = self.tmp_dir / f"{tag}.{doc.stem}"  # pid and host first: clean_stale reads them
-        old = self.tmp_dir / f"{tag}.old.{doc.stem}"
+        old = self.tmp_dir / f"{tag}-old.{doc.stem}"  # clean_stale puts it back if we die
+        old_marker: bytes | None = None
+        moved_away = replaced = False
         try:
             try:
                 staging.mkdir()
                 write(doc, staging)
+                if marker.exists():
+                    old_marker = marker.read_bytes()
                 marker.unlink(missing_ok=True)
                 if final.exists():
                     os.rename(final, old)
+                    moved_away = True
                 os.rename(staging, final)
+                replaced = True
                 fsync_dir(self.root)
             except OSError as e:
                 if isinstance(e, OutputError):
@@ -172,6 +207,10 @@ class Workspace:
                 where = getattr(e, "filename", None) or final
                 raise OutputError(final, f"{_why(e)} ({where})") from None
         finally:
+            if moved_away and not replaced:
+                self._restore(old, final, marker, old_marker)
+            elif not replaced and old_marker is not None and not marker.exists():
+                self._restore(None, final, marker, old_marker)
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
         record = {
@@ -179,6 +218,7 @@ class Workspace:
             "key": key,
             "stem": doc.stem,
             "source": str(doc.source),
+            "source_path": str(Path(doc.source).resolve()),
             "sha256": doc.sha256,
             "pages": len(doc.pages),
             "flagged_pages": [p.index + 1 for p in doc.pages if p.flags],
@@ -209,6 +249,15 @@ class Workspace:
                 continue
             pid = int(head) if head.isdigit() else None
             if pid is None or not _pid_alive(pid):
+                parts = entry.name.split(".", 3)
+                if len(parts) == 4 and parts[2].endswith("-old") and entry.is_dir():
+                    final = self.root / parts[3]  # a complete folder moved away, then a crash
+                    if parts[3] and not parts[3].startswith(".") and not final.exists():
+                        try:
+                            os.rename(entry, final)
+                            continue
+                        except OSError:
+                            pass
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
@@ -228,8 +277,9 @@ class BatchSummary:
     skipped: int = 0  # done in an earlier run (resume)
     failed: int = 0
     pages: int = 0  # pages converted in this run
-    skipped_pages: int = 0
-    flagged_pages: int = 0
+    skipped_pages: int = 0  # pages of the skipped documents
+    skipped_flagged_pages: int = 0  # their pages flagged when they were converted
+    flagged_pages: int = 0  # flagged pages converted in this run
     flag_counts: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # one line per failed document
     flagged: list[str] = field(default_factory=list)  # "<source>: page N: flag, flag"
@@ -270,6 +320,7 @@ class BatchSummary:
             if doc.status == "skipped":
                 s.skipped += 1
                 s.skipped_pages += len(doc.pages)
+                s.skipped_flagged_pages += sum(1 for p in doc.pages if p.flags)
                 continue
             if doc.status != "converted":
                 continue  # still pending (interrupted run)
@@ -298,10 +349,15 @@ class BatchSummary:
 
     def format(self) -> str:
         """A short human summary (several lines) for the end of a CLI run."""
+        done_before = (
+            f" (+ {self.skipped_pages} done before, {self.skipped_flagged_pages} of them flagged)"
+            if self.skipped
+            else ""
+        )
         head = (
             f"{self.documents} document(s): {self.converted} converted, {self.skipped} skipped "
-            f"(already done), {self.failed} failed; {self.pages} page(s) in {self.wall_s:.1f} s "
-            f"({self.pages_per_s:.2f} pages/s)"
+            f"(already done), {self.failed} failed; {self.pages} page(s){done_before}, "
+            f"{self.flagged_pages} flagged, in {self.wall_s:.1f} s ({self.pages_per_s:.2f} pages/s)"
         )
         lines = [head]
         if self.flagged_pages:
