@@ -163,15 +163,21 @@ def cmd_serve(args) -> int:
 
 
 def cmd_tokens(args) -> int:
+    from dsocr.compress import grid_image_tokens
     from dsocr.vision.preprocess import count_image_tokens, crop_grid, valid_image_tokens
 
-    modes = [args.mode] if args.mode else list(MODES)
-    print(f"{'mode':<10} {'grid':>6} {'placeholders':>13} {'valid':>6}")
-    for m in modes:
-        cols, rows = crop_grid(args.width, args.height, MODES[m])
+    if args.width < 1 or args.height < 1:
+        raise ValueError(f"width and height must be >= 1 px, got {args.width}x{args.height}")
+    rows = []  # all computed before anything is printed
+    for m in [args.mode] if args.mode else list(MODES):
+        cols, tiles = crop_grid(args.width, args.height, MODES[m])
         n = count_image_tokens(args.width, args.height, m)
         v = valid_image_tokens(args.width, args.height, m)
-        print(f"{m:<10} {f'{cols}x{rows}':>6} {n:>13} {v:>6}")
+        g = grid_image_tokens(args.width, args.height, m)
+        rows.append(f"{m:<10} {f'{cols}x{tiles}':>6} {n:>13} {v:>6} {g:>6}")
+    # grid: the paper's count, the denominator of the compression ratio (dsocr compress)
+    print(f"{'mode':<10} {'crops':>6} {'placeholders':>13} {'valid':>6} {'grid':>6}")
+    print("\n".join(rows))
     return 0
 
 
@@ -190,44 +196,142 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_compress(args) -> int:
-    from dsocr.compress import compress
-    from dsocr.render import PageStyle
+def _check_number(flag: str, value, zero_ok: bool = False) -> None:
+    """Reject a zero (unless ``zero_ok``) or negative numeric flag, naming it."""
+    if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+        raise ValueError(f"{flag} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
-    text = _read_text(args.text_file)
-    style = None
-    if args.font or args.font_size or args.line_height or args.margin is not None:
-        kw = dict(
-            font=args.font,
-            font_size=args.font_size,
-            line_height=args.line_height,
-            margin=args.margin,
+
+def _model_tokenizer(source):
+    """The tokenizer of ``--model`` (checkpoint folder, bundled model or variant), weights unread."""
+    from dsocr.api import resolve_model_source
+    from dsocr.configs import CONFIGS
+    from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+
+    resolved = resolve_model_source(source)
+    if not isinstance(resolved, str):
+        return Tokenizer.from_folder(resolved)
+    vocab = CONFIGS[resolved].language.vocab_size  # a variant: as load_model builds it
+    if vocab >= 1000:
+        raise FileNotFoundError(f"{resolved}: a variant has no tokenizer.json; pass a folder")
+    return Tokenizer(byte_tokenizer(vocab_size=vocab), source=f"{resolved} (byte tokenizer)")
+
+
+def _tokens_line(st, model_name: str | None) -> str:
+    """Text and vision tokens of CompressionStats: V3 count beside the model's, both ratios."""
+    model = f", {st.model_text_tokens} {model_name}" if st.model_text_tokens is not None else ""
+    return (
+        f"{st.text_tokens} text tokens (DeepSeek-V3{model}), {st.vision_tokens} vision tokens "
+        f"({st.valid_tokens} valid, {st.placeholder_tokens} placeholders), "
+        f"{st.ratio:.1f}x compression per grid token, {st.ratio_valid:.1f}x per valid token"
+    )
+
+
+def cmd_compress(args) -> int:
+    from dsocr.compress import compress, default_style
+    from dsocr.render import unrenderable
+
+    _check_number("--font-size", args.font_size)
+    _check_number("--line-height", args.line_height)
+    _check_number("--margin", args.margin, zero_ok=True)
+    given = {
+        k: v
+        for k, v in (
+            ("font", args.font),
+            ("font_size", args.font_size),
+            ("line_height", args.line_height),
+            ("margin", args.margin),
         )
-        style = PageStyle(**{k: v for k, v in kw.items() if v is not None})
-    m = compress(text, args.mode, style, out_dir=args.out, fit_one_page=args.fit_one_page)
-    st = m.stats
+        if v is not None
+    }
+    try:  # one flag changes one property; the rest stay at the mode's scaled default
+        style = default_style(args.mode, **given) if given else None
+    except ValueError as e:
+        raise ValueError(f"style flags do not fit a {args.mode} page: {e}") from None
+    text = _read_text(args.text_file)
+    why = unrenderable(text, style.font if style else "sans")
+    if why is not None:
+        raise ValueError(f"{args.text_file}: {why}")
+    try:
+        tokenizer = _model_tokenizer(args.model)
+    except FileNotFoundError as e:
+        if args.model is not None:
+            raise
+        print(f"dsocr: warning: no model tokenizer count ({e})", file=sys.stderr)
+        tokenizer = None
+    try:
+        m = compress(
+            text,
+            args.mode,
+            style,
+            out_dir=args.out,
+            fit_one_page=args.fit_one_page,
+            tokenizer=tokenizer,
+        )
+    except OSError as e:
+        raise ValueError(f"{args.out}: cannot write the pages ({e.strerror})") from None
+    model_name = args.model or "dsocr-mini"
     print(
-        f"{args.out}: {len(m.pages)} page(s), {st.text_tokens} text tokens, "
-        f"{st.vision_tokens} vision tokens, {st.ratio:.1f}x compression ({args.mode})"
+        f"{args.out}: {len(m.entries)} page(s) ({args.mode}), {_tokens_line(m.stats, model_name)}"
     )
     return 0
 
 
+def _output_file(path: str):
+    """``--output`` checked before any decoding: not a folder, under a folder (or creatable)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p}: is a folder; give a file name for the text")
+    parent = next(a for a in p.absolute().parents if a.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{p}: cannot create it, {parent} is a file, not a folder")
+    return p
+
+
+def _write_output(p, text: str) -> None:
+    from dsocr.fileio import atomic_write_text
+
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, text)
+    except OSError as e:
+        raise ValueError(f"{p}: cannot write the text ({e.strerror})") from None
+
+
 def cmd_decompress(args) -> int:
+    from pathlib import Path
+
     from dsocr.api import load_model
-    from dsocr.compress import decompress
+    from dsocr.compress import decompress, load_manifest
+    from dsocr.compress.accounting import model_token_count
 
-    ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
+    _check_number("--max-new-tokens", args.max_new_tokens)
+    output = _output_file(args.output) if args.output else None
+    manifest = load_manifest(args.folder)  # a bad folder is reported before the model loads
     source = _read_text(args.source) if args.source else None
-    res = decompress(
-        args.folder, ocr, args.prompt, source=source, max_new_tokens=args.max_new_tokens
-    )
-    if args.output:
-        from dsocr.fileio import atomic_write_text
-
-        atomic_write_text(args.output, str(res) + "\n")
+    ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
+    try:
+        res = decompress(
+            manifest, ocr, args.prompt, source=source, max_new_tokens=args.max_new_tokens
+        )
+    except OSError as e:
+        raise ValueError(f"{args.folder}: cannot read the pages ({e})") from None
+    if output is not None:
+        _write_output(output, str(res) + "\n")
     else:
         print(str(res))
+    src = str((manifest.model_tokenizer or {}).get("source", "the compress --model"))
+    name = Path(src).parent.name if src.endswith("tokenizer.json") else src  # dsocr-mini
+    print(
+        f"{args.folder}: {len(manifest.entries)} page(s) ({manifest.mode.name}), "
+        f"{_tokens_line(manifest.stats, name)}",
+        file=sys.stderr,
+    )
+    if source is not None:
+        n = model_token_count(ocr.tokenizer, source)
+        print(f"source: {n} text tokens with the decoding model's tokenizer", file=sys.stderr)
     if res.precision is not None:
         print(f"precision {res.precision:.4f}  recall {res.recall:.4f}", file=sys.stderr)
     return 0
@@ -246,8 +350,10 @@ def cmd_bench(args) -> int:
 
 
 def _read_text(path: str) -> str:
+    """The file's decoded text as is: no newline translation, so CRLF files hash as they are."""
     try:
-        return open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read text ({e})") from None
 
@@ -386,9 +492,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", "-o", required=True, help="output folder")
     c.add_argument("--font", default=None, choices=["sans", "serif", "mono"])
     c.add_argument("--font-size", type=int, default=None, help="px (default: scaled to the page)")
-    c.add_argument("--line-height", type=float, default=None)
-    c.add_argument("--margin", type=int, default=None)
-    c.add_argument("--fit-one-page", action="store_true", help="largest font that fits one page")
+    c.add_argument("--line-height", type=float, default=None, help="x font size (default: 1.2)")
+    c.add_argument(
+        "--margin", type=int, default=None, help="px on every side (default: scaled to the page)"
+    )
+    c.add_argument(
+        "--fit-one-page",
+        action="store_true",
+        help="largest font that fits one page (warns and paginates if none does)",
+    )
+    c.add_argument(
+        "--model",
+        default=None,
+        help="also count text tokens with this model's tokenizer.json (checkpoint folder, "
+        "bundled model or variant; default: dsocr-mini); its weights are not loaded",
+    )
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("decompress", help="decode a compressed folder back to text")
@@ -396,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None)
     d.add_argument("--source", default=None, help="the original text file, to report precision")
     d.add_argument("--prompt", default="<image>\nFree OCR.")
-    d.add_argument("--max-new-tokens", type=int, default=None)
+    d.add_argument(
+        "--max-new-tokens", type=int, default=None, help="per page (default: from its text tokens)"
+    )
     d.add_argument("--device", default=None)
     d.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     d.add_argument("--output", "-o", default=None, help="write the text here (default: stdout)")

@@ -5,6 +5,7 @@ text rendered on them (a perfect reader), so tests are fast and exact; the tiny 
 only used for shapes and the embedding path.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from dsocr.compress import (
     compress,
     compression_stats,
     decompress,
+    default_style,
     densest_layout,
     embeddings_prompt,
     grid_image_tokens,
@@ -37,6 +39,7 @@ from dsocr.compress import (
 )
 from dsocr.compress.accounting import readback_budget
 from dsocr.compress.codec import sha256_text
+from dsocr.configs import get_mode
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer, count_text_tokens
 
 FOX = "The quick brown fox jumps over the lazy dog."
@@ -236,6 +239,128 @@ def test_densest_layout_finds_the_smallest_readable_font(monkeypatch, ocr):
     assert len(choice.trials) <= 4  # binary search over 6..14
 
 
+def test_compress_deletes_and_replaces_only_pages_it_wrote(tmp_path):
+    out = tmp_path / "userdir"
+    out.mkdir()
+    mine = {"page_scan.png": b"user scan", "page_0007.png": b"user page 7", "notes.md": b"x"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    compress(FOX, TEST_BASE, out_dir=out)
+    assert {n: (out / n).read_bytes() for n in mine} == mine  # nothing of the user's deleted
+    long = compress(_long_text(40), TEST_BASE, out_dir=out)
+    assert len(long.entries) > 2
+    (out / long.entries[1].file).write_bytes(b"edited by the user")  # not ours any more
+    compress(FOX, TEST_BASE, out_dir=out)  # shorter: stale pages of the previous manifest go
+    pages = sorted(p.name for p in out.glob("page_0*.png"))
+    assert pages == ["page_0001.png", long.entries[1].file, "page_0007.png"]
+    assert (out / long.entries[1].file).read_bytes() == b"edited by the user"
+    # a page file in the way that no earlier compress wrote: refused before anything is written
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "page_0001.png").write_bytes(b"someone else's")
+    with pytest.raises(ValueError, match=r"other/page_0001.png: exists and was not written"):
+        compress(FOX, TEST_BASE, out_dir=other)
+    assert sorted(p.name for p in other.iterdir()) == ["page_0001.png"]
+
+
+def test_compress_output_folder_errors_name_the_path(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"afile: exists and is not a folder"):
+        compress(FOX, TEST_BASE, out_dir=afile)
+    with pytest.raises(ValueError, match=r"afile/sub: cannot create the output folder"):
+        compress(FOX, TEST_BASE, out_dir=afile / "sub")
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda t: t[:300], r"manifest.json: not a readable dsocr-compress/1 manifest"),
+        (lambda t: "", r"manifest.json: not a readable"),
+        (lambda t: '{"format": "dsocr-compress/1"}', r"manifest.json: damaged .*no 'pages' field"),
+        (lambda t: "[1, 2]", r"manifest.json: not a dsocr-compress/1 manifest \(a JSON list\)"),
+    ],
+)
+def test_damaged_manifest_is_a_clear_error(tmp_path, damage, match):
+    compress(_long_text(), TEST_BASE, out_dir=tmp_path)
+    path = tmp_path / "manifest.json"
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(ValueError, match=match):
+        load_manifest(tmp_path)
+    with pytest.raises(ValueError, match=match + ".*refusing to overwrite"):
+        compress(FOX, TEST_BASE, out_dir=tmp_path)  # not ours to overwrite or clean up after
+    assert len(list(tmp_path.glob("page_*.png"))) > 1
+
+
+def test_blank_stretches_make_no_pages_and_join_back_to_the_stripped_source(ocr, reader):
+    for text in (
+        "alpha\n" + "\n" * 200 + "omega\n",
+        "\n" * 120 + "alpha beta\n" + " \n" * 90 + "\f\f\fomega\n" + "\n" * 150,
+        "  \n\n\t\n",
+    ):
+        m = compress(text, "tiny")
+        assert "".join(p.text for p in m.pages) == text
+        assert sum(1 for p in m.pages if not p.text.strip()) == (0 if text.strip() else 1)
+        assert len(m.pages) == max(1, text.count("a") and 2)  # alpha..., omega (2 pages)
+        reader.learn(m.pages)
+        got = decompress(m, ocr, source=text)
+        assert got.text == text.strip() and got.precision == 1.0
+    # the joiners alone, with blank pages between, before and after
+    texts = ["\n\n", "one\n", " \n", "\n\n", "two  ", "\n", ""]
+    joiners = codec._joiners(texts)
+    assert joiners == ["", "\n \n\n\n", "", "", "", "", ""]
+    assert codec.join_pages([t.strip() for t in texts], joiners) == "".join(texts).strip()
+
+
+def test_default_style_overrides_change_one_field_at_the_mode_size():
+    base = default_style("tiny")
+    assert default_style("tiny", font="serif") == dataclasses.replace(base, font="serif")
+    large = default_style("large", margin=450)  # validated against the 1280 px page, not A4
+    assert large.margin == 450 and large.size == (1280, 1280)
+    assert large.font_size == default_style("large").font_size
+    with pytest.raises(ValueError, match="too narrow"):
+        default_style("tiny", margin=300)
+
+
+def test_fit_one_page_warns_when_it_paginates():
+    with pytest.warns(UserWarning, match="fit_one_page: .* paginated instead"):
+        m = compress("word " * 3000, "tiny", fit_one_page=True)
+    assert len(m.pages) > 1
+
+
+def test_vision_embeddings_keep_a_count_key_of_the_callers(tmp_path):
+    from safetensors.torch import save
+
+    embeds = [torch.randn(3, 4), torch.randn(5, 4)]
+    save_vision_embeddings(tmp_path / "e.safetensors", embeds, {"count": 99, "mode": "tiny"})
+    back, meta = load_vision_embeddings(tmp_path / "e.safetensors")
+    assert meta == {"count": 99, "mode": "tiny"} and len(back) == 2
+    # files written before the count had its own header key still load
+    old = {"image.0000": embeds[0], "image.0001": embeds[1]}
+    header = {"dsocr_meta": json.dumps({"mode": "tiny", "count": 2})}
+    (tmp_path / "old.safetensors").write_bytes(save(old, metadata=header))
+    back, meta = load_vision_embeddings(tmp_path / "old.safetensors")
+    assert meta == {"mode": "tiny"} and [e.shape[0] for e in back] == [3, 5]
+
+
+def test_decompress_rejects_max_new_tokens_below_one(tmp_path, ocr, reader):
+    m = compress(FOX, TEST_BASE)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be >= 1, got {bad}"):
+            decompress(m, ocr, max_new_tokens=bad)
+    reader.learn(m.pages)
+    decompress(m, ocr, max_new_tokens=1)
+    assert [n for _, _, n in reader.calls] == [1]
+
+
+def test_manifest_records_the_model_tokenizer(tmp_path):
+    tok = Tokenizer(byte_tokenizer(), source="tiny-bytes")
+    m = compress(FOX, TEST_BASE, out_dir=tmp_path, tokenizer=tok)
+    back = load_manifest(tmp_path)
+    assert back.stats.model_text_tokens == len(FOX) == m.stats.model_text_tokens
+    assert back.model_tokenizer == {"source": "tiny-bytes", "sha256": tok.sha256}
+
+
 # --------------------------------------------------------------------------------------------------
 # optical memory
 # --------------------------------------------------------------------------------------------------
@@ -406,6 +531,107 @@ def test_recall_decodes_the_right_turn(tmp_path, ocr, reader):
     assert mem.recall(4, ocr) == mem.turns[4].text and not reader.calls  # still text
     mem.recall(4, ocr, mode=TEST_SMALL)  # a text turn can be read through images too
     assert reader.calls and reader.calls[0][1] == TEST_SMALL
+
+
+def _journal_and_config(tmp_path):
+    mem = _memory(tmp_path, token_budget=900)
+    _fill(mem, 5)
+    mem.context()  # renders the image turns
+    return mem, tmp_path / "mem"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["empty", "truncated", "deleted", "not-json-object", "bad-config", "no-turns"],
+)
+def test_memory_rebuilds_a_damaged_memory_json_from_the_journal(tmp_path, damage):
+    mem, folder = _journal_and_config(tmp_path)
+    path = folder / "memory.json"
+    text = path.read_text()
+    d = json.loads(text)
+    if damage == "empty":
+        path.write_text("")
+    elif damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "deleted":
+        path.unlink()
+        with pytest.raises(FileExistsError, match="use OpticalMemory.load"):
+            _memory(tmp_path)  # the constructor points to load(), which now recovers
+    elif damage == "not-json-object":
+        path.write_text("[]")
+    elif damage == "bad-config":
+        del d["config"]["schedule"]
+        path.write_text(json.dumps(d))
+    else:
+        del d["turns"]
+        path.write_text(json.dumps(d))
+    with pytest.warns(MemoryRecoveryWarning, match=r"memory\.json: .*rebuilding it from turns"):
+        back = OpticalMemory.load(folder)
+    assert back.turns == mem.turns and back.config() == mem.config()  # config from config.json
+    assert back.plan() == mem.plan()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = OpticalMemory.load(folder)  # repaired for good
+    assert again.add("user", "after recovery") == 5
+
+
+def test_memory_without_any_config_uses_the_defaults_and_says_so(tmp_path):
+    mem, folder = _journal_and_config(tmp_path)
+    (folder / "memory.json").unlink()
+    (folder / "config.json").write_text("{trunc")
+    with pytest.warns(MemoryRecoveryWarning) as got:
+        back = OpticalMemory.load(folder)
+    msgs = " ".join(str(w.message) for w in got)
+    assert (
+        "memory.json: is missing" in msgs
+        and "the default config (config.json is unreadable" in msgs
+    )
+    assert back.turns == mem.turns and back.keep_text_turns == 4
+    # no journal either: a clear error, not a JSONDecodeError
+    (folder / "memory.json").write_text("{")
+    (folder / "turns.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"memory\.json: is unreadable .* no turns.jsonl"):
+        OpticalMemory.load(folder)
+
+
+@pytest.mark.parametrize("key", ["joiners", "files", "mode", "vision_tokens"])
+def test_memory_rerenders_a_cache_entry_whose_index_lost_a_key(tmp_path, key):
+    mem, folder = _journal_and_config(tmp_path)
+    before = [im.tobytes() for im, _ in mem.context().images()]
+    index = sorted((folder / "pages").rglob("index.json"))[0]
+    d = json.loads(index.read_text())
+    del d[key]
+    index.write_text(json.dumps(d))
+    with pytest.warns(MemoryRecoveryWarning, match=rf"unreadable index.json \(no '{key}' field\)"):
+        back = OpticalMemory.load(folder)
+    assert not index.exists()
+    assert [im.tobytes() for im, _ in back.context().images()] == before
+    assert json.loads(index.read_text())["joiners"] is not None
+
+
+def test_prompt_inputs_escape_image_markers_in_the_question(tmp_path, ocr):
+    mem = _memory(tmp_path, tokenizer=ocr.tokenizer)
+    _fill(mem, 3)
+    ids, embeds = mem.context().prompt_inputs(ocr, "user: what is <image>?")
+    assert ids.count(ocr.tokenizer.image_id) == embeds.shape[0]
+
+
+def test_memory_text_when_cheaper_keeps_short_old_turns_as_text(tmp_path):
+    kw = dict(keep_text_turns=1, schedule=("tiny",), age_steps=(0,))
+    plain = OpticalMemory(tmp_path / "a", **kw)
+    cheap = OpticalMemory(tmp_path / "b", text_when_cheaper=True, **kw)
+    long = "word " * 200  # ~200 V3 tokens, one Tiny page: 73 placeholders
+    for mem in (plain, cheap):
+        for text in ("", "hi", long, "ok", "last"):
+            mem.add("user", text)
+    assert [plain.plan()[t] for t in range(5)] == [get_mode("tiny")] * 4 + ["text"]
+    assert [cheap.plan()[t] for t in range(5)] == ["text", "text", get_mode("tiny"), "text", "text"]
+    assert cheap.report().context_tokens < plain.report().context_tokens
+    assert cheap.report().context_tokens == 73 + sum(cheap._tokens) - cheap._tokens[2]
+    # persisted; budgets still drop old turns kept as text
+    assert OpticalMemory.load(tmp_path / "b").text_when_cheaper
+    cheap.token_budget = cheap._tokens[4]
+    assert [cheap.plan()[t] for t in range(5)] == ["dropped"] * 4 + ["text"]
 
 
 def test_compress_imports_point_one_way():

@@ -18,6 +18,7 @@ from dsocr.render import (
     missing_chars,
     render_markdown,
     render_text,
+    unrenderable,
 )
 from dsocr.render.fonts import FACES, FONT_DIR, face
 
@@ -166,6 +167,19 @@ def test_unknown_character_raises_with_code_point():
     assert missing_chars("abc ሀ 中") == ["ሀ"]
     with pytest.raises(ValueError, match=r"unknown script.*U\+1200"):
         render_text("Amharic: ሀ", SMALL)
+
+
+@pytest.mark.parametrize("text", ["x\x00y", "مرحبا \x00 x", "a\x01b", "bell\x07", "del\x7f"])
+def test_control_characters_are_rejected_nul_included(text):
+    """NUL used to pass: an Arabic face maps U+0000, so it was drawn as nothing."""
+    bad = [c for c in text if ord(c) < 32 or 127 <= ord(c) < 160]
+    assert missing_chars(text) == bad
+    with pytest.raises(ValueError, match=r"control character .*U\+00"):
+        render_text(text, SMALL)
+    why = unrenderable("fine\n" + text)
+    assert why.startswith("line 2: control character") and f"U+{ord(bad[0]):04X}" in why
+    assert unrenderable("tab\tcr\r\nff\fvt\v ok") is None  # the ones the layout handles
+    assert missing_chars("a\vb") == []
 
 
 def test_fit_to_mode():

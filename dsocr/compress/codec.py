@@ -13,8 +13,11 @@ On disk (``out_dir``): ``page_NNNN.png`` (greyscale) and ``manifest.json``, each
 atomically (temp file + fsync + rename, pages before the manifest, so a manifest never names a
 page that is not complete). The manifest stores the mode, page size, renderer style, the sha256 of
 the source text, and per page: file, png sha256, sha256 of the page's text, its [start, end) span in
-the source, the whitespace joining it to the next page, and the token accounting (accounting.py).
-It never stores the text itself: verifying a decode needs the caller's copy of the source.
+the source, the whitespace joining it to the next page, and the token accounting (accounting.py),
+plus which model tokenizer gave ``model_text_tokens``. It never stores the text itself: verifying
+a decode needs the caller's copy of the source. A rerun into the same folder replaces and deletes
+only the pages its previous manifest names; any other file is left alone (a ``page_NNNN.png`` in
+the way is an error), and a damaged ``manifest.json`` is reported, never overwritten.
 
 Vision embeddings (``save_vision_embeddings``) are the encoder's output per page, saved as
 safetensors, so a caller can skip the vision encoder and put them straight into the decoder's
@@ -32,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +51,7 @@ from dsocr.fileio import (
     atomic_write_bytes,
     atomic_write_json,
     sha256_bytes,
+    sha256_file,
     sha256_text,
 )
 from dsocr.language.tokenizer import PROMPTS, count_text_tokens
@@ -102,8 +108,12 @@ def page_size_for_mode(mode: str | Mode) -> tuple[int, int]:
     return mode.base_size, mode.base_size
 
 
-def default_style(mode: str | Mode, reference: PageStyle | None = None) -> PageStyle:
+def default_style(mode: str | Mode, reference: PageStyle | None = None, **overrides) -> PageStyle:
     """``reference`` (a style for a 640 px Small page) scaled to the mode's page size.
+
+    ``overrides`` (``font="serif"``, ``font_size=14``, ...) then replace single fields, in px of
+    the mode's page, leaving the rest at the scaled default; the result is validated against the
+    mode's real page size (a 450 px margin is fine on a 1280 px Large page).
 
     Font size, margin and column gap scale with the page width, so the same text lays out the same
     way at every mode and a lower mode is the same page downscaled (paper §9.6 "forgetting"). The
@@ -114,14 +124,14 @@ def default_style(mode: str | Mode, reference: PageStyle | None = None) -> PageS
     ref = reference or REFERENCE_STYLE
     w, h = page_size_for_mode(mode)
     s = w / REFERENCE_SIZE
-    return dataclasses.replace(
-        ref,
+    scaled = dict(
         width=w,
         height=h,
         font_size=max(4, round(ref.font_size * s)),
         margin=max(1, round(ref.margin * s)),
         column_gap=max(0, round(ref.column_gap * s)),
     )
+    return dataclasses.replace(ref, **{**scaled, **overrides})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +208,7 @@ class Manifest:
     stats: CompressionStats
     folder: Path | None = None
     pages: list[Page] = field(default_factory=list, repr=False)  # in memory, with their text
+    model_tokenizer: dict | None = None  # {"source", "sha256"} of the model_text_tokens count
 
     @property
     def ratio(self) -> float:
@@ -221,13 +232,14 @@ class Manifest:
             "source_sha256": self.source_sha256,
             "source_chars": self.source_chars,
             "totals": self.stats.to_dict(),
+            "model_tokenizer": self.model_tokenizer,
             "pages": [e.to_dict() for e in self.entries],
         }
 
     @classmethod
     def from_json(cls, d: dict, folder: Path | None = None) -> Manifest:
         if d.get("format") != FORMAT:
-            raise ValueError(f"{folder}: not a {FORMAT} manifest (format={d.get('format')!r})")
+            raise ValueError(f"not a {FORMAT} manifest (format={d.get('format')!r})")
         fields = {f.name for f in dataclasses.fields(PageEntry)}
         entries = [PageEntry(**{k: v for k, v in e.items() if k in fields}) for e in d["pages"]]
         t = d["totals"]
@@ -243,17 +255,42 @@ class Manifest:
             entries=entries,
             stats=stats,
             folder=folder,
+            model_tokenizer=d.get("model_tokenizer"),
         )
 
 
 def _joiners(texts: Sequence[str]) -> list[str]:
-    """Whitespace between each page's stripped text and the next page's ("" after the last)."""
-    out = []
-    for a, b in zip(texts, texts[1:]):
-        trail = a[len(a.rstrip()) :]
-        lead = b[: len(b) - len(b.lstrip())]
-        out.append(trail + lead)
-    return out + [""] if texts else []
+    """Per page, the whitespace between its stripped text and the next non-blank page's.
+
+    ``join_pages([t.strip() for t in texts], _joiners(texts)) == "".join(texts).strip()``: the
+    whitespace of a blank (whitespace-only) page goes into the joiner of the non-blank page before
+    it, once; blank pages, the last non-blank page and blank pages at either end get "".
+    """
+    out = [""] * len(texts)
+    solid = [k for k, t in enumerate(texts) if t.strip()]
+    for a, b in zip(solid, solid[1:]):
+        ta, tb = texts[a], texts[b]
+        between = "".join(texts[a + 1 : b])  # blank pages
+        out[a] = ta[len(ta.rstrip()) :] + between + tb[: len(tb) - len(tb.lstrip())]
+    return out
+
+
+def merge_blank_pages(pages: Sequence[Page]) -> list[Page]:
+    """``pages`` without whitespace-only pages: their text joins the previous page's (the first
+    non-blank page's for leading ones), so ``"".join(page texts)`` is unchanged and no blank
+    image costs vision tokens. All blank: the first page, holding all the text."""
+    solid = [k for k, p in enumerate(pages) if p.text.strip()]
+    if not solid:
+        return [Page(pages[0].image, "".join(p.text for p in pages))] if pages else []
+    texts = {k: pages[k].text for k in solid}
+    texts[solid[0]] = "".join(p.text for p in pages[: solid[0]]) + texts[solid[0]]
+    owner = solid[0]
+    for k in range(solid[0] + 1, len(pages)):
+        if k in texts:
+            owner = k
+        else:
+            texts[owner] += pages[k].text
+    return [Page(pages[k].image, texts[k]) for k in solid]
 
 
 def render_pages(
@@ -269,7 +306,8 @@ def render_pages(
     ``style=None`` uses ``default_style(mode)``; a given style keeps its font/layout and gets the
     mode's page size (or ``page_size``). ``fit_one_page``: the largest font at which the whole
     text fits on one page (``fit_to_mode``, square pages of the mode's base size, as in the
-    paper's Fox study); falls back to pagination with the style if it does not fit at 6 px.
+    paper's Fox study); if it does not fit even at 6 px, warns (UserWarning) and paginates with
+    the style. Whitespace-only pages are never emitted (``merge_blank_pages``).
     """
     mode = get_mode(mode)
     base = style or default_style(mode)
@@ -281,9 +319,44 @@ def render_pages(
         try:
             page, used = fit_to_mode(text, w, base)
             return [page], used
-        except ValueError:
-            pass
-    return render_text(text, base), base
+        except ValueError as e:
+            pages = merge_blank_pages(render_text(text, base))
+            warnings.warn(
+                f"fit_one_page: {e}; paginated instead ({len(pages)} pages at {base.font_size} px)",
+                UserWarning,
+                stacklevel=3,
+            )
+            return pages, base
+    return merge_blank_pages(render_text(text, base)), base
+
+
+_PAGE_FILE = re.compile(r"page_\d{4,}\.png")
+
+
+def _prepare_out_dir(folder: Path) -> dict[str, str]:
+    """Create ``folder`` if needed; return {page file: png sha256} of the pages its previous
+    manifest wrote (the only files ``compress`` may replace or delete). ValueError, naming the
+    path, when the folder cannot be used or holds a manifest.json that is not a readable
+    dsocr-compress manifest (it is not ours to overwrite)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot create the output folder ({e.strerror})") from None
+    if not (folder / MANIFEST).exists():
+        return {}
+    try:
+        previous = load_manifest(folder)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; refusing to overwrite it (remove it or choose another folder)"
+        ) from None
+    return {
+        e.file: e.png_sha256
+        for e in previous.entries
+        if _PAGE_FILE.fullmatch(e.file) and e.png_sha256
+    }
 
 
 def compress(
@@ -299,20 +372,34 @@ def compress(
     """Render ``text`` to page images fitted to ``mode``; write them and a manifest to ``out_dir``.
 
     Long text is paginated by the renderer; ``"".join(page texts) == text`` exactly (kept in
-    ``Manifest.pages`` in memory). ``tokenizer`` (a model's) adds its count to the totals. Without
-    ``out_dir`` nothing is written. Raises ValueError for characters no shipped font has
-    (``dsocr.render.missing_chars`` finds them beforehand).
+    ``Manifest.pages`` in memory), and no page is blank. ``tokenizer`` (a model's) adds its count
+    to the totals. Without ``out_dir`` nothing is written. Raises ValueError for characters no
+    shipped font has (``dsocr.render.missing_chars`` finds them beforehand).
+
+    In ``out_dir``, only files this function wrote are replaced or deleted: the pages named in
+    the folder's previous manifest (when their sha256 still matches). Any other ``page_NNNN.png``
+    in the way is an error, raised before anything is written.
     """
     mode = get_mode(mode)
+    folder = Path(out_dir) if out_dir is not None else None
+    previous = _prepare_out_dir(folder) if folder is not None else {}
     pages, used = render_pages(text, mode, style, page_size=page_size, fit_one_page=fit_one_page)
     texts = [p.text for p in pages]
     assert "".join(texts) == text, "renderer lost text across pages"
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    blobs = [png_bytes(p.image) if folder is not None else b"" for p in pages]
+    for k, data in enumerate(blobs if folder is not None else []):
+        target = folder / f"page_{k + 1:04d}.png"
+        if not target.exists():
+            continue
+        digest = sha256_file(target) if target.is_file() else None
+        if digest != sha256_bytes(data) and (digest is None or previous.get(target.name) != digest):
+            raise ValueError(
+                f"{target}: exists and was not written by an earlier dsocr compress into this "
+                f"folder (not in its {MANIFEST}); refusing to overwrite it"
+            )
     entries, start = [], 0
-    for k, (page, joiner) in enumerate(zip(pages, _joiners(texts))):
+    for k, (page, joiner, data) in enumerate(zip(pages, _joiners(texts), blobs)):
         w, h = page.image.size
-        data = png_bytes(page.image) if out_dir is not None else b""
         entries.append(
             PageEntry(
                 file=f"page_{k + 1:04d}.png",
@@ -328,8 +415,8 @@ def compress(
             )
         )
         start += len(page.text)
-        if out_dir is not None:
-            atomic_write_bytes(Path(out_dir) / entries[-1].file, data)
+        if folder is not None:
+            atomic_write_bytes(folder / entries[-1].file, data)
     manifest = Manifest(
         mode=mode,
         page_size=pages[0].image.size if pages else used.size,
@@ -338,24 +425,48 @@ def compress(
         source_chars=len(text),
         entries=entries,
         stats=compression_stats(text, pages, mode, tokenizer=tokenizer),
-        folder=Path(out_dir) if out_dir is not None else None,
+        folder=folder,
         pages=pages,
+        model_tokenizer=_tokenizer_info(tokenizer),
     )
-    if out_dir is not None:
-        atomic_write_json(Path(out_dir) / MANIFEST, manifest.to_json())
+    if folder is not None:
+        atomic_write_json(folder / MANIFEST, manifest.to_json())
         keep = {e.file for e in entries}
-        for stale in Path(out_dir).glob("page_*.png"):  # from an earlier, longer compress
-            if stale.name not in keep:
+        for name, digest in previous.items():  # pages of an earlier, longer compress
+            stale = folder / name
+            if name not in keep and stale.is_file() and sha256_file(stale) == digest:
                 stale.unlink()
     return manifest
 
 
+def _tokenizer_info(tokenizer) -> dict | None:
+    """Where a model tokenizer came from, for the manifest (dsocr ``Tokenizer``: file + sha256)."""
+    if tokenizer is None:
+        return None
+    return {
+        "source": str(getattr(tokenizer, "source", type(tokenizer).__name__)),
+        "sha256": getattr(tokenizer, "sha256", None),
+    }
+
+
 def load_manifest(folder: str | Path) -> Manifest:
+    """The manifest of a compress folder; ValueError naming the file when it is damaged."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MANIFEST} (not a dsocr compress folder)")
-    return Manifest.from_json(json.loads(path.read_text(encoding="utf-8")), folder)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable {FORMAT} manifest ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a {FORMAT} manifest (a JSON {type(d).__name__})")
+    try:
+        return Manifest.from_json(d, folder)
+    except KeyError as e:
+        raise ValueError(f"{path}: damaged {FORMAT} manifest (no {e} field)") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: damaged {FORMAT} manifest ({e})") from None
 
 
 def read_page(folder: Path, entry: PageEntry) -> Image.Image:
@@ -436,7 +547,10 @@ def decompress(
     decode gives ``source.strip()`` back. With ``source`` whose sha256 matches the manifest, word
     precision and recall are measured overall and per page; a source that does not match raises
     ValueError (the hash is what makes the score meaningful). ``str(result)`` is the text.
+    ``max_new_tokens`` (>= 1) caps every page; None: ``default_max_new_tokens`` per page.
     """
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     manifest = manifest_dir if isinstance(manifest_dir, Manifest) else load_manifest(manifest_dir)
     if source is not None and sha256_text(source) != manifest.source_sha256:
         raise ValueError(
@@ -445,7 +559,9 @@ def decompress(
             f"{manifest.source_chars} chars)"
         )
     limits = [
-        max_new_tokens or default_max_new_tokens(ocr, e.text_tokens, e.placeholder_tokens)
+        max_new_tokens
+        if max_new_tokens is not None
+        else default_max_new_tokens(ocr, e.text_tokens, e.placeholder_tokens)
         for e in manifest.entries
     ]
     texts = decode_images(ocr, manifest.images(), manifest.mode, prompt, limits)
@@ -466,6 +582,7 @@ def decompress(
 
 _EMBED_KEY = "image.{:04d}"
 _META_KEY = "dsocr_meta"
+_COUNT_KEY = "dsocr_count"  # beside the meta, so a caller's own "count" key survives
 
 
 def save_vision_embeddings(path: str | Path, embeds: Sequence[torch.Tensor], meta: dict) -> None:
@@ -479,7 +596,7 @@ def save_vision_embeddings(path: str | Path, embeds: Sequence[torch.Tensor], met
     for i, e in enumerate(embeds):
         assert e.ndim == 2, f"embedding {i}: expected (N, C), got {tuple(e.shape)}"
     tensors = {_EMBED_KEY.format(i): e.detach().cpu().contiguous() for i, e in enumerate(embeds)}
-    header = {_META_KEY: json.dumps({**meta, "count": len(embeds)}, ensure_ascii=False)}
+    header = {_META_KEY: json.dumps(meta, ensure_ascii=False), _COUNT_KEY: str(len(embeds))}
     atomic_write_bytes(path, save(tensors, metadata=header))
 
 
@@ -494,7 +611,9 @@ def load_vision_embeddings(
         if _META_KEY not in header:
             raise ValueError(f"{path}: not a dsocr vision-embedding file (no {_META_KEY})")
         meta = json.loads(header[_META_KEY])
-        embeds = [f.get_tensor(_EMBED_KEY.format(i)) for i in range(meta.pop("count"))]
+        # files from before _COUNT_KEY kept the count inside the meta
+        count = int(header[_COUNT_KEY]) if _COUNT_KEY in header else meta.pop("count")
+        embeds = [f.get_tensor(_EMBED_KEY.format(i)) for i in range(count)]
     return embeds, meta
 
 

@@ -21,6 +21,11 @@ Decay policy (``plan``):
    down one mode; when every image turn is at the last mode, the oldest image turns are dropped
    from the context (still on disk; ``recall`` still reads them). Text turns are never touched:
    if they alone exceed the budget the context stays over it (``MemoryReport.over_budget``).
+4. ``text_when_cheaper`` (off by default): an old turn whose text costs no more tokens than its
+   pages' placeholders at its planned mode stays text (exact, and cheaper: a one-line turn is ~10
+   text tokens but 73 placeholders as a Tiny page). Such turns still step down and are dropped
+   under the budget like image turns; recent turns are never touched. Compare like with like by
+   giving the model's ``tokenizer`` (else text is counted with the DeepSeek-V3 tokenizer).
 The plan is a pure function of the turn list and the config, so it is never stored.
 
 Text tokens use the model's tokenizer when one is given, else the DeepSeek-V3 count the paper
@@ -33,13 +38,18 @@ On disk (``folder``):
   "sha256"}``; each ``add`` appends, flushes and fsyncs.
 - ``memory.json``: config + committed turn count + journal length, written atomically (temp +
   fsync + rename) by ``save`` (``add`` calls it).
+- ``config.json``: a copy of the config alone, rewritten (atomically) only when the config
+  changes, so a damaged ``memory.json`` can be rebuilt with the right settings.
 - ``pages/t<turn>/<mode>/page_NNNN.png`` + ``index.json``: the render cache, one render per
   (turn, mode). The index (file sha256s, text sha256, token counts) is written last, atomically,
   so an entry without a complete index is known to be unfinished.
 Recovery (``load``): a torn last journal line, a bad line, or lines past a truncation are cut off
 to the last consistent turn with a ``MemoryRecoveryWarning`` (the cut bytes are kept in
-``turns.jsonl.discarded``); a cache entry with a missing or changed page, or no index, is deleted
-with a warning and re-rendered on demand from the journal's text. Nothing is repaired silently.
+``turns.jsonl.discarded``); a missing, empty, truncated or otherwise unreadable ``memory.json``
+beside a journal is rebuilt from the journal, with the config from ``config.json`` (else the
+defaults), with a warning naming the file; a cache entry with a missing or changed page, or a
+missing or unreadable index, is deleted with a warning and re-rendered on demand from the journal's
+text. Nothing is repaired silently.
 """
 
 from __future__ import annotations
@@ -57,12 +67,14 @@ from PIL import Image
 
 from dsocr.compress.accounting import grid_image_tokens, model_token_count
 from dsocr.compress.codec import (
+    _PAGE_FILE,
     REFERENCE_STYLE,
     _joiners,
     decode_images,
     default_max_new_tokens,
     default_style,
     join_pages,
+    merge_blank_pages,
     mode_from_json,
     mode_to_json,
     png_bytes,
@@ -77,6 +89,7 @@ from dsocr.vision.preprocess import count_image_tokens
 FORMAT = "dsocr-memory/1"
 JOURNAL = "turns.jsonl"
 MANIFEST = "memory.json"
+CONFIG = "config.json"
 PAGES = "pages"
 DEFAULT_SCHEDULE = ("gundam", "large", "base", "small", "tiny")
 DEFAULT_AGE_STEPS = (0, 2, 4, 8, 16)
@@ -144,6 +157,7 @@ class Context:
         their modes and encoded once; ``question`` is appended after the history."""
         from dsocr.language.tokenizer import build_prompt_ids
 
+        question = question.replace(IMAGE_TOKEN, "<image >")  # as in text turns: no stray markers
         prompt = self.prompt() + ("\n" + question if question else "")
         inputs = [ocr.preprocess(im, mode) for im, mode in self.images()]
         ids = build_prompt_ids(ocr.tokenizer, prompt, [x.num_tokens for x in inputs])
@@ -193,6 +207,18 @@ class _Render:
         return self.images
 
 
+def _config_kwargs(cfg: dict) -> dict:
+    """Constructor keywords from a saved ``config()`` (KeyError/TypeError/ValueError if bad)."""
+    return dict(
+        keep_text_turns=cfg["keep_text_turns"],
+        schedule=tuple(mode_from_json(m) for m in cfg["schedule"]),
+        age_steps=tuple(cfg["age_steps"]),
+        token_budget=cfg["token_budget"],
+        style=style_from_json(cfg["style"]),
+        text_when_cheaper=cfg.get("text_when_cheaper", False),  # absent before it existed
+    )
+
+
 class OpticalMemory:
     """A dialogue history with optical decay (see the module docstring for policy and layout)."""
 
@@ -206,6 +232,7 @@ class OpticalMemory:
         style: PageStyle | None = None,
         tokenizer=None,
         *,
+        text_when_cheaper: bool = False,
         _create: bool = True,
     ):
         self.folder = Path(folder)
@@ -218,7 +245,9 @@ class OpticalMemory:
         self.age_steps = tuple(int(a) for a in age_steps)
         self.token_budget = token_budget
         self.style = style or REFERENCE_STYLE
+        self.text_when_cheaper = bool(text_when_cheaper)
         self.tokenizer = tokenizer
+        self._saved_config: dict | None = None
         self.turns: list[Turn] = []
         self._tokens: list[int] = []  # text tokens per turn
         self._cache: dict[tuple[int, str], _Render] = {}
@@ -279,47 +308,94 @@ class OpticalMemory:
             "age_steps": list(self.age_steps),
             "token_budget": self.token_budget,
             "style": dataclasses.asdict(self.style),
+            "text_when_cheaper": self.text_when_cheaper,
         }
 
     def save(self) -> None:
-        """Write ``memory.json`` atomically (config, committed turns, journal length)."""
+        """Write ``memory.json`` atomically (config, committed turns, journal length), and
+        ``config.json`` when the config changed since it was last written."""
+        config = self.config()
+        if config != self._saved_config:
+            atomic_write_json(self.folder / CONFIG, {"format": FORMAT, "config": config})
+            self._saved_config = config
         atomic_write_json(
             self.folder / MANIFEST,
             {
                 "format": FORMAT,
-                "config": self.config(),
+                "config": config,
                 "turns": len(self.turns),
                 "journal_bytes": self._journal_bytes,
             },
         )
 
+    @staticmethod
+    def _read_config_file(path: Path) -> tuple[dict | None, str | None]:
+        """(parsed file, None) or (None, why it is unusable). A file of another format raises."""
+        if not path.is_file():
+            return None, "is missing"
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return None, f"is unreadable ({e})"
+        if not isinstance(d, dict):
+            return None, f"is damaged (a JSON {type(d).__name__}, not an object)"
+        fmt = d.get("format")
+        if isinstance(fmt, str) and fmt != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file (format {fmt!r})")
+        if fmt is None or not isinstance(d.get("config"), dict):
+            return None, "is damaged (no format or config)"
+        return d, None
+
     @classmethod
     def load(cls, folder: str | Path, tokenizer=None) -> OpticalMemory:
-        """Open a memory folder, recovering a torn write to the last consistent state (warns)."""
+        """Open a memory folder, recovering a torn write to the last consistent state (warns).
+
+        A missing or damaged ``memory.json`` beside a journal is rebuilt from the journal (config
+        from ``config.json``, else the defaults), with a ``MemoryRecoveryWarning`` naming it.
+        """
         folder = Path(folder)
         path = folder / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(f"{folder}: no {MANIFEST} (not an optical memory folder)")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} manifest")
-        cfg = manifest["config"]
-        mem = cls(
-            folder,
-            keep_text_turns=cfg["keep_text_turns"],
-            schedule=tuple(mode_from_json(m) for m in cfg["schedule"]),
-            age_steps=tuple(cfg["age_steps"]),
-            token_budget=cfg["token_budget"],
-            style=style_from_json(cfg["style"]),
-            tokenizer=tokenizer,
-            _create=False,
-        )
-        mem._recover_journal(manifest["turns"])
+        manifest, why = cls._read_config_file(path)
+        committed = None
+        if manifest is not None:
+            committed = manifest.get("turns")
+            if not isinstance(committed, int) or committed < 0:
+                manifest, why = None, f"is damaged (turns = {committed!r})"
+        if manifest is None and not (folder / JOURNAL).is_file():
+            if not path.exists():
+                raise FileNotFoundError(f"{folder}: no {MANIFEST} (not an optical memory folder)")
+            raise ValueError(f"{path}: {why}, and there is no {JOURNAL} to rebuild it from")
+        mem = None
+        if manifest is not None:
+            try:
+                mem = cls(
+                    folder, tokenizer=tokenizer, _create=False, **_config_kwargs(manifest["config"])
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                why, committed = f"has a bad config ({type(e).__name__}: {e})", None
+        if mem is None:
+            backup, used = cls._read_config_file(folder / CONFIG)
+            if backup is not None:
+                try:
+                    kwargs = _config_kwargs(backup["config"])
+                    mem = cls(folder, tokenizer=tokenizer, _create=False, **kwargs)
+                    used = f"the config from {CONFIG}"
+                except (KeyError, TypeError, ValueError) as e:
+                    used = f"has a bad config ({type(e).__name__}: {e})"
+            if mem is None:
+                mem = cls(folder, tokenizer=tokenizer, _create=False)
+                used = f"the default config ({CONFIG} {used})"
+            warnings.warn(
+                f"{path}: {why}; rebuilding it from {JOURNAL}, with {used}",
+                MemoryRecoveryWarning,
+                stacklevel=2,
+            )
+        mem._recover_journal(committed)
         mem._recover_cache()
         mem.save()
         return mem
 
-    def _recover_journal(self, committed: int) -> None:
+    def _recover_journal(self, committed: int | None) -> None:
         path = self.folder / JOURNAL
         data = path.read_bytes() if path.is_file() else b""
         good, pos, problem = [], 0, None
@@ -358,7 +434,7 @@ class OpticalMemory:
             )
         if not path.is_file():
             atomic_write_bytes(path, b"")
-        if len(good) < committed:
+        if committed is not None and len(good) < committed:
             warnings.warn(
                 f"{self.folder}: {MANIFEST} recorded {committed} turns but the journal holds "
                 f"{len(good)}; turns {len(good)}..{committed - 1} were lost",
@@ -393,28 +469,36 @@ class OpticalMemory:
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             turn = int(index["turn"])
-        except (ValueError, KeyError, TypeError):
-            return "unreadable index.json"
+            text_sha, style = index["text_sha256"], index["style"]
+            files, digests = list(index["files"]), list(index["png_sha256"])
+            joiners = list(index["joiners"])
+            render = _Render(
+                mdir, files, joiners, int(index["placeholder_tokens"]), int(index["vision_tokens"])
+            )
+            mode = mode_from_json(index["mode"])
+        except KeyError as e:
+            return f"unreadable index.json (no {e} field)"
+        except (ValueError, TypeError, AttributeError) as e:
+            return f"unreadable index.json ({type(e).__name__}: {e})"
+        if not (len(files) == len(digests) == len(joiners)) or not all(
+            isinstance(f, str) and _PAGE_FILE.fullmatch(f) for f in files
+        ):
+            return "unreadable index.json (bad files / png_sha256 / joiners lists)"
         if tdir.name != f"t{turn:06d}" or turn >= len(self.turns):
             return f"render of turn {turn}, which the journal does not hold"
-        if index["text_sha256"] != sha256_text(self.turns[turn].text):
+        if mdir.name != mode.name:
+            return f"index.json names mode {mode.name}, not {mdir.name}"
+        if text_sha != sha256_text(self.turns[turn].text):
             return f"rendered from other text than turn {turn}"
-        if index["style"] != dataclasses.asdict(self.style):
+        if style != dataclasses.asdict(self.style):
             return "rendered with another style"
-        for f, digest in zip(index["files"], index["png_sha256"]):
+        for f, digest in zip(files, digests):
             p = mdir / f
             if not p.is_file():
                 return f"page file {f} is missing"
             if sha256_bytes(p.read_bytes()) != digest:
                 return f"page file {f} differs from its index sha256"
-        mode = mode_from_json(index["mode"])
-        self._cache[(turn, mode.name)] = _Render(
-            mdir,
-            list(index["files"]),
-            list(index["joiners"]),
-            int(index["placeholder_tokens"]),
-            int(index["vision_tokens"]),
-        )
+        self._cache[(turn, mode.name)] = render
         return None
 
     # ------------------------------------------------------------------ rendering (cached)
@@ -426,7 +510,7 @@ class OpticalMemory:
         text = self.turns[turn].text
         bad = set(missing_chars(text, self.style.font))
         drawable = "".join("?" if c in bad else c for c in text) if bad else text
-        pages = render_text(drawable, default_style(mode, self.style))
+        pages = merge_blank_pages(render_text(drawable, default_style(mode, self.style)))
         mdir = self.folder / PAGES / f"t{turn:06d}" / mode.name
         mdir.mkdir(parents=True, exist_ok=True)
         files, digests, placeholder, grid = [], [], 0, 0
@@ -471,14 +555,21 @@ class OpticalMemory:
         """Turn id -> ``"text"``, a ``Mode``, or ``"dropped"`` after age decay and the budget."""
         levels = {t.id: self.scheduled_level(t.id) for t in self.turns}
         dropped: set[int] = set()
+
+        def as_text(tid: int) -> bool:
+            lv = levels[tid]
+            return lv is None or (
+                self.text_when_cheaper
+                and self._tokens[tid] <= self._render(tid, self.schedule[lv]).placeholder_tokens
+            )
+
+        def cost(tid: int) -> int:
+            if as_text(tid):
+                return self._tokens[tid]
+            return self._render(tid, self.schedule[levels[tid]]).placeholder_tokens
+
         if self.token_budget is not None:
             last = len(self.schedule) - 1
-
-            def cost(tid: int) -> int:
-                lv = levels[tid]
-                if lv is None:
-                    return self._tokens[tid]
-                return self._render(tid, self.schedule[lv]).placeholder_tokens
 
             total = sum(cost(t) for t in levels)
             while total > self.token_budget:
@@ -497,7 +588,7 @@ class OpticalMemory:
                 else:
                     break  # only text turns left: the budget cannot be met
         return {
-            tid: "dropped" if tid in dropped else ("text" if lv is None else self.schedule[lv])
+            tid: "dropped" if tid in dropped else ("text" if as_text(tid) else self.schedule[lv])
             for tid, lv in levels.items()
         }
 

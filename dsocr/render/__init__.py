@@ -7,7 +7,7 @@
 See render.py (API), layout.py (wrapping, Markdown, pagination) and fonts.py (shipped fonts).
 """
 
-from dsocr.render.fonts import FAMILIES, missing_chars
+from dsocr.render.fonts import FAMILIES, missing_chars, unrenderable
 from dsocr.render.render import (
     Page,
     PageStyle,
@@ -28,4 +28,5 @@ __all__ = [
     "missing_chars",
     "render_markdown",
     "render_text",
+    "unrenderable",
 ]

@@ -102,8 +102,12 @@ def _bold(face: str) -> str:
 
 
 def _is_neutral(ch: str) -> bool:
-    """Spaces, punctuation, symbols and format chars take the font of the run they sit in."""
-    return unicodedata.category(ch)[0] in "ZPSC"
+    """Spaces, punctuation, symbols and format chars take the font of the run they sit in.
+
+    Control characters (Cc) are not neutral: they are not text, and ``Resolver._find`` rejects
+    them (some script fonts map U+0000 to an empty glyph, which would draw a NUL as nothing)."""
+    cat = unicodedata.category(ch)
+    return cat[0] in "ZPSC" and cat != "Cc"
 
 
 class Resolver:
@@ -157,6 +161,11 @@ class Resolver:
         return out
 
     def _find(self, ch: str) -> str:
+        if unicodedata.category(ch) == "Cc":
+            raise ValueError(
+                f"control character {ch!r} (U+{ord(ch):04X}) is not text and cannot be drawn "
+                "(only tab, newline, CR, form feed and vertical tab are laid out)"
+            )
         for key in self.chain:
             if ch in coverage(key):
                 self._fallback[ch] = key
@@ -178,18 +187,38 @@ def resolver(family: str) -> Resolver:
 def missing_chars(text: str, font: str = "sans") -> list[str]:
     """The distinct characters of text that no shipped font can draw (newlines/tabs excluded).
 
-    Use it to filter a corpus before rendering: render_text raises ValueError on the first one.
+    Control characters other than tab, newline, CR, form feed and vertical tab (which the layout
+    handles) count as missing, NUL included. Use it to filter a corpus before rendering:
+    render_text raises ValueError on the first one.
     """
     res = resolver(font)
     out = []
     for ch in dict.fromkeys(text):
-        if ch in "\n\t\r\f" or ch in res.plain or ch in res.owned:
+        if ch in "\n\t\r\f\v" or ch in res.plain or ch in res.owned:
             continue
         try:
             res._find(ch)
         except ValueError:
             out.append(ch)
     return out
+
+
+def unrenderable(text: str, font: str = "sans") -> str | None:
+    """Why ``text`` cannot be rendered in ``font``, or None: the first character no shipped font
+    draws (a control character, or an unknown script), with its line number and how many distinct
+    characters are missing in all. For one-line errors that name the input."""
+    bad = missing_chars(text, font)
+    if not bad:
+        return None
+    first = min(bad, key=text.index)
+    try:
+        resolver(font)._find(first)
+        reason = f"cannot draw {first!r}"  # not reached: missing_chars found no font
+    except ValueError as e:
+        reason = str(e)
+    line = text.count("\n", 0, text.index(first)) + 1
+    more = f" ({len(bad)} distinct characters cannot be drawn)" if len(bad) > 1 else ""
+    return f"line {line}: {reason}{more}"
 
 
 class Face:
