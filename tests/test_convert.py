@@ -659,36 +659,24 @@ def test_summary_line_counts_flags_and_pages_done_before(ocr, tmp_path):
     )
 
 
-def test_cli_warnings_and_progress_are_one_line(tmp_path, capsys):
-    from dsocr.cli import main
+def test_cli_warnings_and_progress_are_one_line(tmp_path):
+    import subprocess
+    import sys
 
+    # a subprocess: pytest's own warning capture would swallow what the CLI prints
     src = pdf(tmp_path / "doc.pdf", 1)
-    code = main(
-        [
-            "convert",
-            str(src),
-            "-o",
-            str(tmp_path / "out"),
-            "--model",
-            "tiny",
-            "--device",
-            "cpu",
-            "--mode",
-            "tiny",
-            "--task",
-            "free",
-            "--pages",
-            "1-3",
-            "--dpi",
-            "72.5",
-            "--max-new-tokens",
-            "2",
-        ]
+    args = [str(src), "-o", str(tmp_path / "out"), "--model", "tiny", "--device", "cpu"]
+    args += ["--mode", "tiny", "--task", "free", "--pages", "1-3", "--dpi", "72.5"]
+    r = subprocess.run(
+        [sys.executable, "-m", "dsocr.cli", "convert", *args, "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    err = capsys.readouterr().err
-    assert code == 0, err
-    assert f"dsocr: warning: {src}: page range '1-3' clipped to 1-1 (1 pages)" in err.splitlines()
-    assert "UserWarning" not in err and ".py:" not in err
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert f"dsocr: warning: {src}: page range '1-3' clipped to 1-1 (1 pages)" in lines
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
 
 
 def test_same_pages_spelled_differently_are_not_redone(ocr, tmp_path):
