@@ -134,46 +134,73 @@ def sources():
             yield (f"python/{rel}", f"python/{rel}", "en", "python3.11-doc", f)
 
 
+class NoDocuments(ValueError):
+    """No source document was found (or none long enough): nothing is written."""
+
+
 def build(out: Path, min_chars: int = 500, docs=None) -> dict:
     """Write train/heldout JSONL (plain and gzipped) and a manifest from `docs` (default: every
-    installed source; the same 5-tuples as `sources()`)."""
-    out.mkdir(parents=True, exist_ok=True)
+    installed source; the same 5-tuples as `sources()`).
+
+    Every file is written under a temporary name first and renamed into place only once all of
+    them are complete, so a failure leaves an existing corpus as it was; with no documents at all
+    it raises NoDocuments and writes nothing (an existing corpus is kept, not emptied).
+    """
     counts = {"train": 0, "heldout": 0}
     chars = {"train": 0, "heldout": 0}
     langs: dict[str, int] = {}
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     tmp = {s: out / f".{s}.jsonl.tmp" for s in counts}
-    files = {s: tmp[s].open("w", encoding="utf-8") for s in counts}
+    staged: dict[Path, Path] = {}  # temporary file -> final name
     try:
-        for doc, group, lang, source, path in sources() if docs is None else docs:
-            text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
-            if len(text) < min_chars:
-                continue
-            split = "heldout" if is_heldout(group) else "train"
-            row = {"doc": doc, "group": group, "lang": lang, "source": source, "text": text}
-            files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
-            counts[split] += 1
-            chars[split] += len(text)
-            langs[lang] = langs.get(lang, 0) + len(text)
+        files = {s: tmp[s].open("w", encoding="utf-8") for s in counts}
+        try:
+            for doc, group, lang, source, path in sources() if docs is None else docs:
+                text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
+                if len(text) < min_chars:
+                    continue
+                split = "heldout" if is_heldout(group) else "train"
+                row = {"doc": doc, "group": group, "lang": lang, "source": source, "text": text}
+                files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+                counts[split] += 1
+                chars[split] += len(text)
+                langs[lang] = langs.get(lang, 0) + len(text)
+        finally:
+            for f in files.values():
+                f.close()
+        if not sum(counts.values()):
+            raise NoDocuments(
+                f"no documents found (of at least {min_chars} characters): install the packages "
+                f"listed in this script's docstring; {out} left as it was"
+            )
+        manifest = {
+            "heldout_percent": HELDOUT_PERCENT,
+            "documents": counts,
+            "chars": chars,
+            "chars_by_lang": dict(sorted(langs.items())),
+            "files": {},
+        }
+        for s, t in tmp.items():
+            data = t.read_bytes()
+            staged[t] = out / f"{s}.jsonl"
+            manifest["files"][f"{s}.jsonl"] = hashlib.sha256(data).hexdigest()
+            # A compressed copy (mtime 0: byte-identical rebuilds) to carry to a training machine.
+            gz_tmp = out / f".{s}.jsonl.gz.tmp"
+            with gzip.GzipFile(gz_tmp, "wb", mtime=0) as gz:
+                gz.write(data)
+            staged[gz_tmp] = out / f"{s}.jsonl.gz"
+        man_tmp = out / ".manifest.json.tmp"
+        man_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        staged[man_tmp] = out / "manifest.json"
+        for t, final in staged.items():  # all complete: now into place (the manifest last)
+            t.replace(final)
+        return manifest
     finally:
-        for f in files.values():
-            f.close()
-    manifest = {
-        "heldout_percent": HELDOUT_PERCENT,
-        "documents": counts,
-        "chars": chars,
-        "chars_by_lang": dict(sorted(langs.items())),
-        "files": {},
-    }
-    for s, t in tmp.items():
-        final = out / f"{s}.jsonl"
-        t.replace(final)
-        manifest["files"][final.name] = hashlib.sha256(final.read_bytes()).hexdigest()
-        # A compressed copy (mtime 0: byte-identical rebuilds) to carry to a training machine.
-        with gzip.GzipFile(out / f".{s}.jsonl.gz.tmp", "wb", mtime=0) as gz:
-            gz.write(final.read_bytes())
-        (out / f".{s}.jsonl.gz.tmp").replace(out / f"{s}.jsonl.gz")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+        for t in (*tmp.values(), *staged):
+            t.unlink(missing_ok=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
 
 
 def main(argv=None) -> int:
@@ -183,12 +210,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="data/corpus")
     ap.add_argument("--min-chars", type=int, default=500)
     args = ap.parse_args(argv)
-    m = build(Path(args.out), args.min_chars)
-    if not sum(m["documents"].values()):
-        print(
-            "no documents found: install the packages listed in this script's docstring",
-            file=sys.stderr,
-        )
+    try:
+        m = build(Path(args.out), args.min_chars)
+    except NoDocuments as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: m[k] for k in ("documents", "chars")}, indent=1))
     return 0

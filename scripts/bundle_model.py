@@ -4,9 +4,12 @@
     python scripts/bundle_model.py runs/mini/best --dtype float32
 
 Writes config.json, model-*.safetensors shards of at most 15 MB (the repository's limit per file),
-tokenizer.json and meta.json (the training metadata, minus the optimizer state), replacing the
-folder atomically, and meta.json's "defaults" (the mode and task the CLI picks for this model when
-not told). Refuses a bundle over 60 MB. The default dtype is bfloat16, the official
+tokenizer.json and meta.json (the training metadata, minus the optimizer state), and meta.json's
+"defaults" (the mode and task the CLI picks for this model when not told). Refuses a bundle over
+60 MB, and an ``--out`` that holds anything but an earlier bundle (a folder whose meta.json has
+"bundled_from"), so it never deletes files it did not write. The new bundle is built beside
+``--out`` and swapped in (old renamed away, new renamed in, old deleted; a failed swap puts the old
+one back), so ``--out`` is always a complete bundle. The default dtype is bfloat16, the official
 checkpoint's storage type; CPU loads cast it back to float32.
 
 The default mode, unless ``--default-mode`` names one, is measured: for a model trained on several
@@ -23,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,6 +82,43 @@ def measure_modes(ocr: OCR, recipe: DataRecipe, pages: int, seed: int = 0) -> di
     return {"pages": pages, "seed": seed, "cer": table, "mean": means}
 
 
+def check_out(out: Path) -> None:
+    """Refuse (SystemExit, one line) an ``--out`` that is a file, or a non-empty folder that is
+    not a bundle this script wrote: replacing it would delete someone's files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"error: --out {out}: is a file, not a bundle folder")
+    if not any(out.iterdir()):
+        return
+    meta = out / "meta.json"
+    try:
+        ours = (out / "config.json").is_file() and "bundled_from" in json.loads(meta.read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise SystemExit(
+            f"error: --out {out}: holds files that are not a bundle of this script (no config.json "
+            "and meta.json with bundled_from); choose an empty or new folder"
+        )
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the folder ``new`` at ``out``: the old ``out`` is renamed away, ``new`` renamed in,
+    then the old one deleted; if the second rename fails, the old folder goes back."""
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")  # a name no one else uses
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def pick_mode(means: dict[str, float]) -> str:
     """The mode of lowest mean CER; ties go to the mode with fewer pixels (fewer vision tokens)."""
     return min(means, key=lambda m: (means[m], get_mode(m).base_size))
@@ -108,6 +150,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     src, out = Path(args.checkpoint), Path(args.out)
+    check_out(out)
     model = load_checkpoint(src, device="cpu", dtype=torch.float32)
     tok = Tokenizer.from_folder(src)
     meta = json.loads((src / "meta.json").read_text()) if (src / "meta.json").is_file() else {}
@@ -138,25 +181,29 @@ def main(argv=None) -> int:
         mode = pick_mode(measured["mean"])
         print(f"default mode {mode}: {json.dumps(measured)}", file=sys.stderr)
     meta["defaults"] = {"mode": mode, "task": task} | ({"measured": measured} if measured else {})
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(
-        model,
-        tmp,
-        max_shard_bytes=MAX_FILE,
-        dtype=getattr(torch, args.dtype),
-        tokenizer=tok,
-        meta=meta,
-    )
-    sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    big = [n for n, s in sizes.items() if s > MAX_FILE]
-    if big or sum(sizes.values()) > MAX_TOTAL:
-        shutil.rmtree(tmp)
-        raise SystemExit(f"bundle too large: {sizes} (files <= {MAX_FILE}, total <= {MAX_TOTAL})")
-    load_checkpoint(tmp, device="cpu")  # strict reload: every key and shape
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh folder of our own beside --out (never someone's "<out>.tmp"), removed on failure.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle into place
+    try:
+        save_checkpoint(
+            model,
+            tmp,
+            max_shard_bytes=MAX_FILE,
+            dtype=getattr(torch, args.dtype),
+            tokenizer=tok,
+            meta=meta,
+        )
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        big = [n for n, s in sizes.items() if s > MAX_FILE]
+        if big or sum(sizes.values()) > MAX_TOTAL:
+            raise SystemExit(
+                f"bundle too large: {sizes} (files <= {MAX_FILE}, total <= {MAX_TOTAL})"
+            )
+        load_checkpoint(tmp, device="cpu")  # strict reload: every key and shape
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({"out": str(out), "files": sizes, "step": meta.get("step")}, indent=1))
     return 0
 

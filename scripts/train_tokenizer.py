@@ -29,7 +29,11 @@ def main(argv=None) -> int:
     ap.add_argument("--langs", default="", help="comma list of corpus lang codes (default: all)")
     args = ap.parse_args(argv)
     langs = tuple(x for x in args.langs.split(",") if x)
-    rows = recipe_docs(args.corpus, "train", langs)
+    try:
+        rows = recipe_docs(args.corpus, "train", langs)
+    except (OSError, ValueError) as e:  # no corpus, no train split, no rows in --langs
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tok = Tokenizer(train_tokenizer((r["text"] for r in rows), args.vocab_size))
     path = tok.save(args.out)
     manifest = Path(args.corpus) / "manifest.json"

@@ -74,3 +74,37 @@ def test_bundle_refuses_to_measure_without_its_corpus(tmp_path, tiny_model):
     with pytest.raises(SystemExit, match="corpus is missing"):
         bundle_model.main([str(src), "--out", str(tmp_path / "b")])
     assert not (tmp_path / "b").exists()
+
+
+def test_bundle_refuses_an_out_folder_it_did_not_write(tmp_path, tiny_model):
+    src = _checkpoint(tmp_path, tiny_model, ("tiny",))
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="not a bundle"):
+        bundle_model.main([str(src), "--out", str(victim)])
+    assert (victim / "notes.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    # An earlier bundle is replaced, leaving nothing beside it.
+    out = tmp_path / "bundles" / "mini"
+    assert bundle_model.main([str(src), "--out", str(out)]) == 0
+    assert bundle_model.main([str(src), "--out", str(out), "--dtype", "float32"]) == 0
+    assert json.loads((out / "meta.json").read_text())["bundled_dtype"] == "float32"
+    assert [p.name for p in out.parent.iterdir()] == ["mini"]
+
+
+def test_failed_swap_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    out, new = tmp_path / "bundle", tmp_path / "new"
+    out.mkdir()
+    (out / "meta.json").write_text("old")
+    new.mkdir()
+    rename = Path.rename
+
+    def failing(self, target):
+        if self == new:
+            raise OSError("disk gone")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        bundle_model.replace_folder(new, out)
+    assert (out / "meta.json").read_text() == "old"

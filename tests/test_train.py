@@ -25,6 +25,7 @@ from dsocr.weights import load_checkpoint, read_state_dict, save_checkpoint
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import build_corpus  # noqa: E402
 import resize_vocab  # noqa: E402
+import train_tokenizer  # noqa: E402
 
 TOY_MODE = "test-tiny"
 
@@ -53,6 +54,7 @@ def _cfg(tmp_path, **kw):
         log_every=1,
         eval_every=3,
         eval_batches=1,
+        eval_batch_size=2,
         save_every=3,
         data=_recipe(),
     )
@@ -453,3 +455,339 @@ def test_loss_under_bf16_autocast_matches_fp32(tiny_cfg):
         assert torch.isfinite(got) and abs(float(got.detach()) - want) < 0.05 * want
     sam_grads = [p.grad for p in model.model.sam_model.parameters() if p.grad is not None]
     assert sam_grads and all(torch.isfinite(g).all() for g in sam_grads)
+
+
+# --------------------------------------------------------------------------------------------------
+# audit fixes (2026-12-04): resume compatibility, checkpoint recovery, argument errors, logging
+# --------------------------------------------------------------------------------------------------
+
+
+def _quiet(*_):
+    pass
+
+
+def _phase_cfg(tmp_path, **kw):
+    return _cfg(tmp_path, batch_size=1, warmup=1, save_every=100, eval_every=100, **kw)
+
+
+def _meta(tmp_path, name="latest"):
+    return json.loads((tmp_path / "run" / name / "meta.json").read_text())
+
+
+def test_resume_refuses_changes_that_make_another_run(tmp_path, capsys):
+    from dsocr.train.loop import ConfigError, main
+
+    cfg = _phase_cfg(tmp_path, stop_at=2)
+    train(cfg, log=_quiet)
+    changed = dataclasses.replace(
+        cfg, lr=0.5, seed=7, batch_size=2, data=dataclasses.replace(cfg.data, font_sizes=(20,))
+    )
+    with pytest.raises(ConfigError) as e:
+        train(changed, log=_quiet)
+    msg = str(e.value)
+    assert "\n" not in msg and "--new-phase" in msg and "new --out" in msg
+    for part in (
+        "--lr 0.003 -> 0.5",
+        "--seed 0 -> 7",
+        "--batch-size 1 -> 2",
+        "--data-font-sizes 40 -> 20",
+    ):
+        assert part in msg, msg
+    with pytest.raises(ConfigError, match="--model tiny -> mini-cpu"):
+        train(dataclasses.replace(cfg, model="mini-cpu"), log=_quiet)
+    other = Tokenizer(byte_tokenizer("the cat sat on the mat " * 20, vocab_size=290))
+    tok_path = other.save(tmp_path / "tok")
+    with pytest.raises(ConfigError, match="tokenizer sha256"):
+        train(dataclasses.replace(cfg, tokenizer=str(tok_path)), log=_quiet)
+    assert _meta(tmp_path)["step"] == 2  # nothing was trained or written by the refusals
+    # The command line says it in one line, exit status 2.
+    argv = ["--model", "tiny", "--out", str(tmp_path / "run"), "--steps", "6", "--batch-size", "1"]
+    argv += ["--lr", "0.5", "--data-modes", "tiny", "--data-page-size", "128", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--lr 0.003 -> 0.5" in err
+
+
+def test_resume_allows_run_control_and_records_every_invocation(tmp_path):
+    cfg = _phase_cfg(tmp_path, stop_at=2)
+    train(cfg, log=_quiet)
+    # Run control and phase switches may change; the new weight decay is really used.
+    logs = []
+    more = dataclasses.replace(cfg, stop_at=3, max_minutes=50.0, log_every=2, weight_decay=0.2)
+    train(more, log=logs.append)
+    assert any("resumed from" in str(x) and "at step 2" in str(x) for x in logs)
+    meta = _meta(tmp_path)
+    assert meta["step"] == 3 and meta["train"]["weight_decay"] == 0.2
+    inv = meta["invocations"]
+    assert [i["step"] for i in inv] == [0, 2]
+    assert inv[0]["run"]["stop_at"] == 2 and inv[1]["run"]["stop_at"] == 3
+    assert inv[1]["changed"] == {"weight_decay": [0.05, 0.2]} and not inv[1]["new_phase"]
+    state = torch.load(tmp_path / "run/latest/trainer.pt", weights_only=True)["optimizer"]
+    assert {g["weight_decay"] for g in state["param_groups"]} == {0.2, 0.0}
+    # A new phase in place: --new-phase lets the recipe change, and says so in meta and the log.
+    phase = dataclasses.replace(
+        more, stop_at=4, new_phase=True, data=dataclasses.replace(cfg.data, font_sizes=(36,))
+    )
+    train(phase, log=_quiet)
+    meta = _meta(tmp_path)
+    assert meta["step"] == 4 and meta["data_recipe"]["font_sizes"] == [36]
+    assert meta["invocations"][-1]["new_phase"] is True
+    assert meta["invocations"][-1]["changed"] == {"data_font_sizes": [[40], [36]]}
+    # So does a warm restart (a new --schedule-start), the documented later phase.
+    restart = dataclasses.replace(phase, stop_at=5, new_phase=False, schedule_start=4, lr=1e-3)
+    train(restart, log=_quiet)
+    assert _meta(tmp_path)["invocations"][-1]["new_phase"] is True
+    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    resumes = [r for r in log if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [2, 3, 4]
+
+
+def test_phase_from_a_checkpoint_into_a_new_out(tmp_path):
+    """The documented phase workflow: --model <checkpoint folder> into a new --out, with another
+    recipe, seed and schedule; its history says where it started."""
+    train(_phase_cfg(tmp_path / "a", stop_at=2), log=_quiet)
+    src = tmp_path / "a" / "run" / "latest"
+    cfg = _phase_cfg(tmp_path / "b", model=str(src), seed=3, lr=1e-3, stop_at=1)
+    train(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, font_sizes=(36,))), log=_quiet
+    )
+    inv = _meta(tmp_path / "b")["invocations"]
+    assert len(inv) == 1 and inv[0]["model"] == str(src) and inv[0]["started_from"]["step"] == 2
+
+
+def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
+    import shutil
+
+    cfg = _phase_cfg(tmp_path, stop_at=2)
+    train(cfg, log=_quiet)
+    run = tmp_path / "run"
+    # Killed after latest -> latest.old, with a complete latest.tmp: the rerun finishes the swap.
+    shutil.copytree(run / "latest", run / "latest.tmp")
+    (run / "latest").rename(run / "latest.old")
+    logs = []
+    train(dataclasses.replace(cfg, stop_at=3), log=logs.append)
+    assert any("at step 2" in str(x) for x in logs), logs
+    assert not (run / "latest.old").exists() and not (run / "latest.tmp").exists()
+    # Killed with an incomplete latest.tmp and latest renamed away: latest.old comes back.
+    (run / "latest").rename(run / "latest.old")
+    (run / "latest.tmp").mkdir()
+    (run / "latest.tmp" / "config.json").write_text("{}")
+    logs = []
+    train(dataclasses.replace(cfg, stop_at=4), log=logs.append)
+    assert any("at step 3" in str(x) for x in logs), logs
+    assert _meta(tmp_path)["step"] == 4 and not (run / "latest.tmp").exists()
+
+
+def test_recover_checkpoint_prefers_the_newest_complete_folder(tmp_path):
+    from dsocr.train.loop import recover_checkpoint
+
+    def ckpt(path, step):
+        path.mkdir()
+        for name in ("config.json", "trainer.pt"):
+            (path / name).write_text("x")
+        (path / "meta.json").write_text(json.dumps({"step": step}))
+
+    best = tmp_path / "best"
+    ckpt(best, 1)
+    assert recover_checkpoint(best) is None  # nothing interrupted
+    ckpt(tmp_path / "best.tmp", 2)  # complete but not yet swapped in: the newer one wins
+    assert recover_checkpoint(best)
+    assert json.loads((best / "meta.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_over_long_targets_are_cut_without_eos(tiny_cfg):
+    tok = Tokenizer(byte_tokenizer())
+    recipe = _recipe(min_chars=4, max_chars=24)
+    full = make_batch(recipe, tok, tiny_cfg, step=0, rank=0, batch_size=6, seed=1)
+    cut = make_batch(
+        dataclasses.replace(recipe, max_target_tokens=8),
+        tok,
+        tiny_cfg,
+        step=0,
+        rank=0,
+        batch_size=6,
+        seed=1,
+    )
+    assert cut.targets == full.targets  # the same pages: only long targets' labels change
+    lengths = [len(tok.encode(t)) for t in cut.targets]
+    assert min(lengths) <= 8 < max(lengths)
+    for i, n in enumerate(lengths):
+        lab = cut.labels[i][cut.labels[i] != -100].tolist()
+        want = tok.encode(cut.targets[i])
+        if n > 8:  # cut: the kept prefix is trained, and no EOS, since the page goes on
+            assert lab == want[:8] and cut.truncated[i]
+        else:  # fits: unchanged, EOS and all
+            assert lab == want + [tok.eos_id] and not cut.truncated[i]
+            assert torch.equal(cut.labels[i], full.labels[i][: cut.labels.shape[1]])
+
+
+@pytest.fixture()
+def toy_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = "".join(
+        json.dumps({"doc": str(i), "lang": "en", "text": t}) + "\n" for i, t in enumerate(TOY)
+    )
+    for split in ("train", "heldout"):
+        (corpus / f"{split}.jsonl").write_text(rows)
+    return corpus
+
+
+def _bad_argv_cases(tmp_path, corpus):
+    only_train = tmp_path / "only-train"
+    only_train.mkdir()
+    (only_train / "train.jsonl").write_text((corpus / "train.jsonl").read_text())
+    big = Tokenizer(byte_tokenizer(" ".join(f"w{i}x{i * 7}" for i in range(3000)), vocab_size=400))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (tmp_path / "afile").write_text("x")
+    return {
+        "corpus missing": ["--data-corpus", str(tmp_path / "nope")],
+        "no held-out split": ["--data-corpus", str(only_train)],
+        "tokenizer missing": ["--tokenizer", str(tmp_path / "nope.json")],
+        "tokenizer too big": ["--tokenizer", str(big.save(tmp_path / "big"))],
+        "batch size 0": ["--batch-size", "0"],
+        "negative lr": ["--lr", "-1"],
+        "out is a file": ["--out", str(tmp_path / "afile")],
+        "unknown freeze": ["--freeze", "sam,bogus"],
+        "unknown model": ["--model", "mnii"],
+        "broken model": ["--model", str(broken)],
+        "eval every 0": ["--eval-every", "0"],
+        "log every 0": ["--log-every", "0"],
+        "min over max": ["--data-min-chars", "50", "--data-max-chars", "10"],
+        "unknown mode": ["--data-modes", "bogus"],
+        "unknown font": ["--data-fonts", "comic"],
+        "unknown language": ["--data-corpus", str(corpus), "--data-langs", "zz"],
+        "zero steps": ["--steps", "0"],
+        "too many workers": ["--workers", "4096"],
+        "bad int list": ["--data-font-sizes", "20,x"],
+        "bad bool": ["--data-glyph-targets", "maybe"],
+        "unknown flag": ["--bogus", "1"],
+        "bad number": ["--lr", "fast"],
+    }
+
+
+BAD_ARGV = [
+    "corpus missing", "no held-out split", "tokenizer missing", "tokenizer too big",
+    "batch size 0", "negative lr", "out is a file", "unknown freeze", "unknown model",
+    "broken model", "eval every 0", "log every 0", "min over max", "unknown mode", "unknown font",
+    "unknown language", "zero steps", "too many workers", "bad int list", "bad bool",
+    "unknown flag", "bad number",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_ARGV)
+def test_bad_arguments_are_one_line_errors_before_anything_is_made(
+    tmp_path, toy_corpus, capsys, monkeypatch, case
+):
+    import dsocr.train.loop as loop
+
+    built = []
+    monkeypatch.setattr(loop, "load_checkpoint", lambda *a, **k: built.append(a) or 1 / 0)
+    out = tmp_path / "run"
+    base = ["--model", "tiny", "--out", str(out), "--steps", "2", "--device", "cpu"]
+    assert loop.main(base + _bad_argv_cases(tmp_path, toy_corpus)[case]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out.exists() and not built
+
+
+def test_boolean_options_parse_their_value():
+    from dsocr.train.loop import parse_args
+
+    assert parse_args(["--data-glyph-targets", "False"]).data.glyph_targets is False
+    assert parse_args(["--data-glyph-targets", "0"]).data.glyph_targets is False
+    assert parse_args(["--data-glyph-targets", "true"]).data.glyph_targets is True
+    assert parse_args([]).data.glyph_targets is False and parse_args([]).new_phase is False
+    assert parse_args(["--new-phase"]).new_phase is True
+
+
+def test_help_names_the_real_flags(capsys):
+    from dsocr.train.loop import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--data-corpus data/corpus" in text and " --corpus " not in text
+    assert "peak learning rate" in text and "--new-phase" in text
+
+
+def test_throughput_excludes_eval_and_bf16_share_is_null_on_cpu(tmp_path, monkeypatch):
+    import time
+
+    import dsocr.train.loop as loop
+
+    def slow_eval(*a, **k):
+        time.sleep(1.5)
+        return 1.0, 1.0
+
+    monkeypatch.setattr(loop, "evaluate", slow_eval)
+    train(_cfg(tmp_path, steps=3, eval_every=1, save_every=100), log=_quiet)
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl") if "samples_per_s" in x]
+    assert len(recs) == 3
+    assert min(r["samples_per_s"] for r in recs[1:]) > 2.0, recs  # 2 samples per step
+    assert all(r["bf16_peak_share"] is None for r in recs)  # CPU: no bf16 peak to compare with
+
+
+def test_bf16_peak_table_and_flop_count():
+    from dsocr.train.loop import bf16_peak_flops, count_flops
+
+    assert bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bf16_peak_flops("NVIDIA H200") == 989e12
+    assert bf16_peak_flops("NVIDIA L40S") == 362e12 and bf16_peak_flops("NVIDIA L4") == 121e12
+    assert bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bf16_peak_flops("NVIDIA GeForce GTX 1080") is None  # unknown: no share, no guess
+    a, b = torch.randn(8, 16, requires_grad=True), torch.randn(16, 4)
+    out, flops = count_flops(lambda: (a @ b).sum().backward())
+    assert flops == 2 * (2 * 8 * 16 * 4)  # the forward matmul, and the backward one for a.grad
+
+
+def test_eval_pages_do_not_depend_on_batch_size(tiny_model, tiny_cfg):
+    from dsocr.train.loop import evaluate
+
+    tok = Tokenizer(byte_tokenizer(vocab_size=tiny_cfg.language.vocab_size))
+
+    def ev(batch_size):
+        cfg = TrainConfig(batch_size=batch_size, eval_batches=1, eval_batch_size=3, data=_recipe())
+        return evaluate(tiny_model, tok, cfg, "cpu", None)
+
+    assert ev(2) == ev(5)
+
+
+def test_best_restarts_when_the_eval_pages_change(tmp_path):
+    from dsocr.train.loop import _read_best
+
+    (tmp_path / "best").mkdir()
+    saved = {"seed": 0, "eval_batches": 1, "eval_batch_size": 2, "data": {"font_sizes": [40]}}
+    (tmp_path / "best" / "meta.json").write_text(json.dumps({"eval_loss": 0.5, "eval_set": saved}))
+    assert _read_best(tmp_path, saved) == 0.5
+    assert _read_best(tmp_path, saved | {"seed": 1}) is None
+    assert _read_best(tmp_path, saved | {"eval_batch_size": 16}) is None
+
+
+def test_build_corpus_keeps_an_existing_corpus_when_it_finds_nothing(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    files = {n: f"old {n}\n".encode() for n in ("train.jsonl", "heldout.jsonl", "manifest.json")}
+    for n, data in files.items():
+        (corpus / n).write_bytes(data)
+    with pytest.raises(build_corpus.NoDocuments):
+        build_corpus.build(corpus, docs=[])
+    monkeypatch.setattr(build_corpus, "sources", lambda: iter(()))
+    assert build_corpus.main(["--out", str(corpus)]) == 1
+    assert "no documents found" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in corpus.iterdir()} == files  # untouched, no temp files
+    assert build_corpus.main(["--out", str(tmp_path / "new")]) == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_tokenizer_reports_a_missing_corpus_in_one_line(tmp_path, capsys):
+    assert (
+        train_tokenizer.main(["--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "t")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "t").exists()

@@ -70,7 +70,7 @@ class DataRecipe:
     # predict them, so only reading lowers their loss: from scratch, this is what makes the
     # decoder look at the image before the encoder collapses into a constant soft prompt.
     scramble_prob: float = 0.0
-    max_target_tokens: int = 1024
+    max_target_tokens: int = 1024  # a longer target is cut and trained without EOS
     page_size: int | None = None  # square page side in px; None: the mode's base size
     # Also give each batch, per vision token of the global view, the characters drawn in its
     # 64 x 64 px cell (Batch.cell_targets), for the training loop's character loss.
@@ -100,7 +100,9 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) right-padded with pad_id
     labels: torch.Tensor  # (B, T): target ids (and EOS) where trained, else -100
     images: list[ImageInputs] = field(default_factory=list)
-    targets: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # the page's whole text, per sample
+    # Per sample: the target was longer than max_target_tokens, cut, and trained without EOS.
+    truncated: list[bool] = field(default_factory=list)
     # (B, t*t, V) multi-hot: which single-character tokens are drawn in each global-view token's
     # cell (row-major); None unless the recipe asks for glyph targets.
     cell_targets: torch.Tensor | None = None
@@ -218,12 +220,18 @@ def cell_targets(
 
 
 def encode_sample(sample: Sample, tok: Tokenizer, cfg: DeepseekOCRConfig, max_target: int):
-    """Sample -> (ids, labels, image inputs, target text actually trained on)."""
+    """Sample -> (ids, labels, image inputs).
+
+    A target of more than ``max_target`` tokens is cut there and trained without EOS: the page
+    shows more text, so "stop here" would be a false label (the loss covers the kept prefix only).
+    """
     inputs = preprocess_image(sample.image, get_mode(sample.mode))
     prompt_ids = build_prompt_ids(tok, sample.prompt, [inputs.num_tokens])
-    target_ids = tok.encode(sample.target)[:max_target]
-    ids = prompt_ids + target_ids + [tok.eos_id]
-    labels = [-100] * len(prompt_ids) + target_ids + [tok.eos_id]
+    target_ids = tok.encode(sample.target)
+    end = [tok.eos_id] if len(target_ids) <= max_target else []
+    target_ids = target_ids[:max_target] + end
+    ids = prompt_ids + target_ids
+    labels = [-100] * len(prompt_ids) + target_ids
     return ids, labels, inputs
 
 
@@ -259,6 +267,7 @@ def make_batch(
     encoded = [encode_sample(s, tok, cfg, recipe.max_target_tokens) for s in samples]
     batch = collate(encoded, tok.pad_id, device)
     batch.targets = [s.target for s in samples]
+    batch.truncated = [lab[-1] != tok.eos_id for _, lab, _ in encoded]
     if recipe.glyph_targets:
         ppt = cfg.sam.pixels_per_token
         V = cfg.language.vocab_size

@@ -12,11 +12,21 @@ to a temporary folder and renamed, so an interrupted run never leaves a half-wri
 Determinism: the batch for step s is a pure function of (seed, s, rank) (see ``train/data.py``), so a
 run stopped at any checkpoint and resumed reaches the same weights as an uninterrupted run.
 
+Resuming: rerunning a command whose ``--out`` holds a checkpoint continues it (after repairing a
+checkpoint swap that was interrupted). Run-control settings (``--steps``, ``--stop-at``,
+``--max-minutes``, ``--workers``, the intervals, ``--device``) and the phase switches (``--freeze``,
+``--vision-lr-scale``, ``--char-loss``, ``--input-noise``, ``--grad-clip``, ``--weight-decay``)
+may change; a change of the model, tokenizer, seed, batch size, data recipe or learning-rate
+schedule is refused unless ``--new-phase`` (or a new ``--schedule-start``) says that this run
+continues as another phase. Every invocation is recorded in meta.json's "invocations".
+
 Usage::
 
     python -m dsocr.train.loop --model tiny --steps 20 --out runs/smoke          # CPU smoke test
     torchrun --nproc_per_node 8 -m dsocr.train.loop --model mini --steps 20000 --batch-size 64 \\
-        --corpus data/corpus --out runs/mini --max-minutes 8                      # resumable chunks
+        --tokenizer data/mini/tokenizer.json --data-corpus data/corpus --out runs/mini \\
+        --max-minutes 8                                                           # resumable chunks
+    python -m dsocr.train.loop --model runs/mini/latest --out runs/mini-b ...   # a later phase
 """
 
 from __future__ import annotations
@@ -36,8 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsocr.configs import CONFIGS
-from dsocr.language.tokenizer import Tokenizer
+from dsocr.configs import CONFIGS, DeepseekOCRConfig, get_mode, load_config
+from dsocr.language.tokenizer import PROMPTS, Tokenizer
 from dsocr.model import DeepseekOCRForCausalLM
 from dsocr.train.data import (
     Batch,
@@ -46,9 +56,15 @@ from dsocr.train.data import (
     batch_stream,
     batch_to,
     make_batch,
+    recipe_docs,
     sample_seed,
 )
-from dsocr.weights import load_checkpoint, save_checkpoint
+from dsocr.weights import CheckpointError, checkpoint_files, load_checkpoint, save_checkpoint
+
+
+class ConfigError(ValueError):
+    """A setting that cannot run, reported by ``main`` as one line ``error: ...`` (exit status 2)
+    before any folder is created or model built."""
 
 
 @dataclass
@@ -83,13 +99,84 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 4
+    # Pages per held-out batch, whatever batch_size is, so that eval losses (and the choice of
+    # best/) compare across runs and phases of any batch size. 16: the CPU stand-in's batch size
+    # (docs/training.md §4), whose eval pages it keeps.
+    eval_batch_size: int = 16
     save_every: int = 200
     max_minutes: float | None = None  # stop with a checkpoint after this much wall time
     stop_at: int | None = None  # stop with a checkpoint at this step (a phase's end; the lr
     # schedule still runs over ``steps``)
     device: str | None = None
     workers: int = 0  # data-loader processes building batches ahead of the model (0: inline)
+    # Resuming ``out`` with another seed, batch size, data recipe or lr schedule continues the run
+    # as a new phase (recorded in meta.json) instead of being refused. A changed schedule_start
+    # declares a new phase by itself.
+    new_phase: bool = False
     data: DataRecipe = field(default_factory=DataRecipe)
+
+
+# Resume compatibility (``check_resume``). Settings that define what a run is: changing one in a
+# resumed ``out`` is refused unless the invocation starts a new phase (--new-phase, or a new
+# --schedule-start). The model and tokenizer can never change in place (the run continues from
+# its own latest/ weights and embeddings).
+RUN_IDENTITY = ("seed", "batch_size", "lr", "min_lr_ratio", "warmup", "schedule_start")
+# Switches that the documented phases change in place (§4: phase 0 -> 0c -> 0d, 3a -> 3b): allowed,
+# recorded in the invocation's "changed".
+PHASE_SWITCHES = (
+    "freeze",
+    "vision_lr_scale",
+    "char_loss",
+    "input_noise",
+    "grad_clip",
+    "weight_decay",
+)
+# Run control: free to change between invocations, recorded with each invocation.
+RUN_CONTROL = (
+    "steps",
+    "stop_at",
+    "max_minutes",
+    "workers",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "eval_batch_size",
+    "save_every",
+    "device",
+)
+
+# bfloat16 dense tensor-core peaks (no sparsity), FLOP/s, from NVIDIA's datasheets; matched as
+# substrings of torch.cuda.get_device_name(), first match wins (so "H100 NVL" before "H100").
+# A GPU not listed gets no share (null), never a guess.
+BF16_PEAK_FLOPS = (
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+
+def bf16_peak_flops(device_name: str) -> float | None:
+    """The bf16 dense peak of a GPU named ``device_name`` (``BF16_PEAK_FLOPS``), or None."""
+    for key, peak in BF16_PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def count_flops(fn) -> tuple[object, int]:
+    """(fn(), the FLOPs its matmuls, convolutions and attention ran, forward and backward), as
+    ``torch.utils.flop_counter`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return out, int(counter.get_total_flops())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -250,10 +337,18 @@ def all_reduce_mean(x: torch.Tensor, world: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _complete(folder: Path) -> bool:
+    """A training checkpoint with everything written: ``trainer.pt`` is written last (and renamed
+    into place), after the weights, config.json and meta.json."""
+    return all((folder / n).is_file() for n in ("trainer.pt", "meta.json", "config.json"))
+
+
 def save_training_state(
     folder: Path, model, tok: Tokenizer, opt, step: int, cfg: TrainConfig, extra: dict
 ) -> None:
-    """Write a full checkpoint to ``folder`` atomically (temp folder, then rename)."""
+    """Write a full checkpoint to ``folder`` atomically: a complete ``<folder>.tmp``, then
+    ``folder`` -> ``<folder>.old``, ``.tmp`` -> ``folder``, and ``.old`` deleted. A kill at any
+    point leaves a complete checkpoint that :func:`recover_checkpoint` puts back."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     meta = {
@@ -267,7 +362,8 @@ def save_training_state(
         **extra,
     }
     save_checkpoint(model, tmp, tokenizer=tok, meta=meta)
-    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
+    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt.part")
+    (tmp / "trainer.pt.part").rename(tmp / "trainer.pt")  # the folder's completion mark
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -276,14 +372,281 @@ def save_training_state(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_tokenizer(cfg: TrainConfig, start: Path | None) -> Tokenizer:
+def recover_checkpoint(folder: Path) -> str | None:
+    """Finish or undo a checkpoint swap of :func:`save_training_state` that was interrupted;
+    returns what was done (None: nothing to do).
+
+    A complete ``.tmp`` is the newest checkpoint and becomes ``folder``; otherwise, with
+    ``folder`` missing, a complete ``.old`` goes back. Incomplete leftovers are deleted.
+    """
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    done = None
+    if _complete(tmp):
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        done = f"{folder}: finished an interrupted checkpoint swap (from {tmp.name})"
+    elif not folder.exists() and _complete(old):
+        old.rename(folder)
+        done = f"{folder}: put the previous checkpoint back (from {old.name})"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if _complete(folder):
+        shutil.rmtree(old, ignore_errors=True)
+    return done
+
+
+def _read_meta(folder: Path) -> dict:
+    path = folder / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path}: unreadable ({e}); move the folder away to start afresh"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# settings: checked up front, and against the run a resume continues
+# --------------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Raise ConfigError (one line) for settings that cannot run. Touches nothing on disk."""
+    d = cfg.data
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in (
+        "steps",
+        "batch_size",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "eval_batch_size",
+        "save_every",
+    ):
+        v = getattr(cfg, name)
+        need(v >= 1, f"{_flag(name)} {v}: must be at least 1")
+    need(cfg.lr > 0, f"--lr {cfg.lr}: must be positive")
+    need(0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio {cfg.min_lr_ratio}: must be in [0, 1]")
+    need(cfg.warmup >= 0, f"--warmup {cfg.warmup}: must be 0 or more")
+    need(
+        0 <= cfg.schedule_start < cfg.steps,
+        f"--schedule-start {cfg.schedule_start}: must be in [0, --steps {cfg.steps})",
+    )
+    need(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be 0 or more")
+    need(cfg.grad_clip > 0, f"--grad-clip {cfg.grad_clip}: must be positive")
+    need(cfg.vision_lr_scale >= 0, f"--vision-lr-scale {cfg.vision_lr_scale}: must be 0 or more")
+    need(cfg.char_loss >= 0, f"--char-loss {cfg.char_loss}: must be 0 or more")
+    need(0 <= cfg.input_noise <= 1, f"--input-noise {cfg.input_noise}: must be in [0, 1]")
+    need(
+        cfg.max_minutes is None or cfg.max_minutes >= 0,
+        f"--max-minutes {cfg.max_minutes}: must be 0 or more",
+    )
+    need(cfg.stop_at is None or cfg.stop_at >= 1, f"--stop-at {cfg.stop_at}: must be at least 1")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    need(
+        0 <= cfg.workers <= (cpus or 1),
+        f"--workers {cfg.workers}: must be in [0, {cpus or 1}] (this machine's CPUs)",
+    )
+    parts = ("sam", "clip", "decoder")
+    bad = [p for p in cfg.freeze if p not in parts]
+    need(not bad, f"--freeze {','.join(bad)}: unknown part; known: {', '.join(parts)}")
+    if cfg.device is not None:
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"--device {cfg.device}: not a device (cpu, cuda, cuda:1, ...)"
+            ) from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            need(n > 0, f"--device {cfg.device}: no CUDA device here (use --device cpu)")
+            need(
+                (dev.index or 0) < n, f"--device {cfg.device}: this machine has {n} CUDA device(s)"
+            )
+        else:
+            need(dev.type == "cpu", f"--device {cfg.device}: only cpu and cuda are supported")
+    # where the run goes
+    out = Path(cfg.out)
+    for p in (out, *out.parents):
+        if p.exists():
+            need(p.is_dir(), f"--out {cfg.out}: {p} is a file, not a folder")
+            break
+    # the data recipe
+    for m in d.modes:
+        try:
+            get_mode(m)
+        except KeyError as e:
+            raise ConfigError(f"--data-modes: {e.args[0]}") from None
+    need(bool(d.modes), "--data-modes: give at least one mode")
+    from dsocr.render.fonts import FAMILIES
+
+    bad = [f for f in d.fonts if f not in FAMILIES]
+    need(bool(d.fonts), "--data-fonts: give at least one font family")
+    need(not bad, f"--data-fonts {','.join(bad)}: unknown; known: {', '.join(FAMILIES)}")
+    bad = [x for x in d.prompts if x not in PROMPTS]
+    need(bool(d.prompts), "--data-prompts: give at least one prompt")
+    need(not bad, f"--data-prompts {','.join(bad)}: unknown; known: {', '.join(PROMPTS)}")
+    need(bool(d.font_sizes), "--data-font-sizes: give at least one size")
+    need(min(d.font_sizes) >= 1, f"--data-font-sizes {min(d.font_sizes)}: must be positive")
+    need(d.min_chars >= 1, f"--data-min-chars {d.min_chars}: must be at least 1")
+    need(
+        d.max_chars >= d.min_chars,
+        f"--data-max-chars {d.max_chars}: must be at least --data-min-chars {d.min_chars}",
+    )
+    for name in ("scan_prob", "scramble_prob"):
+        v = getattr(d, name)
+        need(0 <= v <= 1, f"--data-{name.replace('_', '-')} {v}: must be in [0, 1]")
+    need(d.max_target_tokens >= 1, f"--data-max-target-tokens {d.max_target_tokens}: must be >= 1")
+    need(
+        d.page_size is None or d.page_size >= 64,
+        f"--data-page-size {d.page_size}: must be at least 64",
+    )
+    if d.corpus is not None:
+        need(Path(d.corpus).is_dir(), f"--data-corpus {d.corpus}: no such folder")
+    for split in ("train", "heldout"):  # both: the periodic evaluation reads the held-out split
+        try:
+            recipe_docs(d.corpus, split, tuple(d.langs))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--data-corpus {d.corpus}: {e}") from None
+
+
+def model_config(source: Path | str) -> DeepseekOCRConfig:
+    """The config of a checkpoint folder (checked, with its weight files present) or variant."""
+    if not Path(source).exists():
+        if str(source) not in CONFIGS:
+            raise ConfigError(
+                f"--model {source}: no such checkpoint folder or variant "
+                f"(variants: {', '.join(CONFIGS)})"
+            )
+        return CONFIGS[str(source)]
+    try:
+        cfg = load_config(source)
+        checkpoint_files(Path(source))
+    except (OSError, CheckpointError) as e:
+        raise ConfigError(f"--model {source}: {e}") from None
+    return cfg
+
+
+def load_tokenizer(cfg: TrainConfig, start: Path | None, mcfg: DeepseekOCRConfig) -> Tokenizer:
+    """--tokenizer, else the start folder's tokenizer.json, else a byte tokenizer of the model's
+    vocabulary; checked against the model (ids inside its vocabulary, the same <image> id)."""
     from dsocr.language.tokenizer import byte_tokenizer
 
-    if cfg.tokenizer:
-        return Tokenizer.from_file(cfg.tokenizer)
-    if start is not None and (start / "tokenizer.json").is_file():
-        return Tokenizer.from_folder(start)
-    return Tokenizer(byte_tokenizer(vocab_size=CONFIGS[cfg.model].language.vocab_size))
+    try:
+        if cfg.tokenizer:
+            tok = Tokenizer.from_file(cfg.tokenizer)
+        elif start is not None and (start / "tokenizer.json").is_file():
+            tok = Tokenizer.from_folder(start)
+        else:
+            tok = Tokenizer(byte_tokenizer(vocab_size=mcfg.language.vocab_size))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--tokenizer: {e}") from None
+    vocab = mcfg.language.vocab_size
+    if len(tok) > vocab:
+        raise ConfigError(
+            f"tokenizer {tok.source or ''} has {len(tok)} tokens, more than the model's vocabulary "
+            f"of {vocab} (resize the model with scripts/resize_vocab.py, or another --tokenizer)"
+        )
+    if tok.image_id != mcfg.image_token_id:
+        raise ConfigError(
+            f"tokenizer <image> id {tok.image_id} != the model's image_token_id "
+            f"{mcfg.image_token_id}"
+        )
+    return tok
+
+
+def _plain(v):
+    """A JSON-comparable form (tuples as lists, dataclasses as dicts)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        v = dataclasses.asdict(v)
+    return json.loads(json.dumps(v))
+
+
+def _same_place(a, b) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def _show(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or '""'
+    return "none" if v is None else str(v)
+
+
+def check_resume(
+    cfg: TrainConfig, prev: dict, tok: Tokenizer, world: int, where: Path
+) -> tuple[dict, bool]:
+    """Compare the settings of a resumed run (its latest/meta.json, ``prev``) with this
+    invocation's; returns ({setting: [before, now]} for what changes, whether this invocation
+    starts a new phase). Raises ConfigError (one line naming every differing setting and what to
+    do instead) for changes that would make the resumed run something else."""
+    saved = prev.get("train")
+    step = prev.get("step", 0)
+    if not isinstance(saved, dict):  # a checkpoint from before the loop recorded its settings
+        return {}, cfg.new_phase
+    defaults = dataclasses.asdict(TrainConfig())
+    fixed = []  # never changeable in place
+    if not _same_place(saved.get("model", defaults["model"]), cfg.model):
+        fixed.append(f"--model {saved.get('model')} -> {cfg.model}")
+    if prev.get("tokenizer_sha256") and prev["tokenizer_sha256"] != tok.sha256:
+        fixed.append(
+            f"tokenizer sha256 {prev['tokenizer_sha256'][:12]} -> {tok.sha256[:12]} ({tok.source})"
+        )
+    if prev.get("world_size", world) != world:
+        fixed.append(f"processes {prev['world_size']} -> {world}")
+    if fixed:
+        raise ConfigError(
+            f"{where} resumes a run at step {step} whose {'; '.join(fixed)} cannot change in "
+            f"place: rerun with its settings, or start a new --out with --model {where}/latest"
+        )
+    changed = {}
+    for name in (*RUN_IDENTITY, *PHASE_SWITCHES):
+        before, now = _plain(saved.get(name, defaults[name])), _plain(getattr(cfg, name))
+        if before != now:
+            changed[name] = [before, now]
+    saved_recipe = _plain(DataRecipe.from_meta(prev.get("data_recipe") or {}))
+    recipe = _plain(cfg.data)
+    for name in recipe:
+        if name == "glyph_targets":  # follows --char-loss; adds targets, changes no sample
+            continue
+        before, now = saved_recipe[name], recipe[name]
+        if before != now and not (name == "corpus" and _same_place(before, now)):
+            changed["data_" + name] = [before, now]
+    new_phase = cfg.new_phase or "schedule_start" in changed
+    refused = [k for k in changed if k not in PHASE_SWITCHES]
+    if refused and not new_phase:
+        diffs = ", ".join(
+            f"{_flag(k)} {_show(changed[k][0])} -> {_show(changed[k][1])}" for k in refused
+        )
+        raise ConfigError(
+            f"{where} resumes a run at step {step} trained with other settings: {diffs}; rerun "
+            f"with its settings, start a new --out (with --model {where}/latest for its weights), "
+            f"or add --new-phase to continue this run from step {step} under the new settings"
+        )
+    return changed, new_phase and bool(changed)
+
+
+def _eval_set(train: dict, recipe: dict) -> dict:
+    """What the periodic evaluation's pages depend on (a changed one restarts best/)."""
+    recipe = {k: v for k, v in _plain(recipe).items() if k != "glyph_targets"}
+    sizes = {k: train.get(k) for k in ("seed", "eval_batches")}
+    sizes["eval_batch_size"] = train.get("eval_batch_size", train.get("batch_size"))
+    return sizes | {"data": recipe}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,27 +655,48 @@ def _load_tokenizer(cfg: TrainConfig, start: Path | None) -> Tokenizer:
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
-    """Train until ``cfg.steps`` (or ``max_minutes``); returns the ``latest`` checkpoint folder."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Train until ``cfg.steps`` (or ``stop_at`` / ``max_minutes``); returns the ``latest``
+    checkpoint folder. Bad settings raise ConfigError before anything is written."""
     if cfg.char_loss and not cfg.data.glyph_targets:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, glyph_targets=True))
+    check_settings(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = dist_setup(device)
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     out = Path(cfg.out)
     latest = out / "latest"
+    if rank == 0:
+        for folder in (latest, out / "best"):
+            note = recover_checkpoint(folder)
+            if note:
+                log(note)
+    if world > 1:
+        torch.distributed.barrier()
     resume = (latest / "trainer.pt").is_file()
     start = latest if resume else (Path(cfg.model) if Path(cfg.model).exists() else None)
-    tok = _load_tokenizer(cfg, start)
+    # (On a resume, --model need not exist any more: it is only compared with the run's.)
+    model_cfg = model_config(cfg.model if start is None else start)
+    tok = load_tokenizer(cfg, start, model_cfg)
+    prev = _read_meta(latest) if resume else {}
+    changed, new_phase = check_resume(cfg, prev, tok, world, out) if resume else ({}, False)
+    step = int(prev.get("step", 0)) if resume else 0
+    if step >= cfg.steps or (cfg.stop_at is not None and step >= cfg.stop_at):
+        if rank == 0:
+            end = cfg.steps if step >= cfg.steps else cfg.stop_at
+            log(f"{latest} is at step {step}, at or past this run's end ({end}): nothing to do")
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return latest
+
     torch.manual_seed(cfg.seed)
-    if start is not None:
-        model = load_checkpoint(start, device=device, dtype=torch.float32)
-    else:
-        model = load_checkpoint(CONFIGS[cfg.model], device=device, dtype=torch.float32)
-    assert tok.image_id == model.config.image_token_id, (
-        f"tokenizer <image> id {tok.image_id} != model image_token_id {model.config.image_token_id}"
-    )
+    try:
+        model = load_checkpoint(
+            start if start is not None else CONFIGS[cfg.model], device=device, dtype=torch.float32
+        )
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     model.train()
     model.model.vision_model.embeddings.patch_embedding.requires_grad_(False)  # unused (spec)
     freeze_parts(model, cfg.freeze)
@@ -336,20 +720,51 @@ def train(cfg: TrainConfig, log=print) -> Path:
         betas=cfg.betas,
         fused=device.startswith("cuda") or None,
     )
-    step = 0
     if resume:
         state = torch.load(latest / "trainer.pt", map_location=device, weights_only=True)
-        scales = [g["lr_scale"] for g in opt.param_groups]
+        # This invocation's settings win over the saved groups' (a phase may change them).
+        wanted = [
+            {k: g[k] for k in ("lr_scale", "weight_decay", "betas")} for g in opt.param_groups
+        ]
         try:
             opt.load_state_dict(state["optimizer"])
         except ValueError:  # another set of trainable parameters (--freeze changed between phases)
             if rank == 0:
                 log("optimizer state does not fit the trainable parameters; fresh AdamW moments")
-        for g, scale in zip(opt.param_groups, scales):  # this run's --vision-lr-scale wins
-            g["lr_scale"] = scale
+        for g, w in zip(opt.param_groups, wanted):
+            g.update(w)
         step = state["step"]
         if rank == 0:
             log(f"resumed from {latest} at step {step}")
+            if changed:
+                log(
+                    ("new phase: " if new_phase else "changed: ")
+                    + ", ".join(
+                        f"{_flag(k)} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items()
+                    )
+                )
+    invocation = {
+        "step": step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(),
+        "run": {k: getattr(cfg, k) for k in RUN_CONTROL},
+        "world_size": world,
+    }
+    if resume:
+        invocation |= {"changed": changed, "new_phase": new_phase}
+        history = list(prev.get("invocations", []))
+    else:
+        invocation["model"] = cfg.model
+        history = []
+        if start is not None:
+            src = _read_meta(start)
+            invocation["started_from"] = {
+                "step": src.get("step"),
+                "git_commit": src.get("git_commit"),
+                "tokenizer_sha256": src.get("tokenizer_sha256"),
+            }
+    history.append(invocation)
+    run_meta = {"world_size": world, "invocations": history}
     blank = tok.encode(" ")
     step_fn = LossModule(model, cfg.char_loss, blank[0] if len(blank) == 1 else tok.pad_id)
     if world > 1:  # unrouted experts and CLIP's unused patch conv get no gradient some steps
@@ -357,9 +772,25 @@ def train(cfg: TrainConfig, log=print) -> Path:
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else None
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
+    if rank == 0 and resume:
+        # Steps after the last checkpoint were logged before the interruption and are logged
+        # again below: records after this marker supersede them.
+        _append_jsonl(log_path, {"event": "resume", "step": step, "changed": changed})
+    eval_set = _eval_set(dataclasses.asdict(cfg), dataclasses.asdict(cfg.data))
+    best = _read_best(out, eval_set)
+    if best is None and (out / "best" / "meta.json").is_file() and rank == 0:
+        log(
+            "the evaluation pages changed (seed, recipe, --eval-batches/--eval-batch-size): "
+            "best/ restarts"
+        )
+    run_meta["eval_set"] = eval_set
+    # Throughput: training time only (data, forward, backward, step), not eval or checkpoints.
+    peak = None
+    if device.startswith("cuda"):
+        peak = bf16_peak_flops(torch.cuda.get_device_name(torch.device(device)))
+    flops_per_sample = None
     t_start = time.time()
-    t_last, samples_since = time.time(), 0
-    best = _read_best(out)
+    busy, samples_since = 0.0, 0
 
     batches = StepBatches(
         cfg.data,
@@ -372,6 +803,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     )
     stream = batch_stream(batches, workers=cfg.workers)
     while step < cfg.steps and (cfg.stop_at is None or step < cfg.stop_at):
+        t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
         batch = next(stream)
@@ -379,18 +811,32 @@ def train(cfg: TrainConfig, log=print) -> Path:
             noise_seed = sample_seed(cfg.seed, "input-noise", step, rank, 0) % 2**63
             batch = corrupt_inputs(batch, cfg.input_noise, noise_seed)
         batch = batch_to(batch, device)
-        with autocast if autocast is not None else _null():
-            loss, text_loss, char = step_fn(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+
+        def fwd_bwd(batch=batch):
+            with autocast if autocast is not None else _null():
+                loss, text_loss, char = step_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss, text_loss, char
+
+        if device.startswith("cuda") and flops_per_sample is None:
+            # The invocation's first step, counted: the FLOPs of one sample, forward and backward.
+            (loss, text_loss, char), flops = count_flops(fwd_bwd)
+            flops_per_sample = flops / cfg.batch_size
+        else:
+            loss, text_loss, char = fwd_bwd()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         samples_since += cfg.batch_size * world
         loss_v = float(all_reduce_mean(loss.detach().float(), world))
+        busy += time.time() - t0
 
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            dt = time.time() - t_last
+            rate = samples_since / max(busy, 1e-9)
+            share = None
+            if peak is not None and flops_per_sample is not None:
+                share = round(flops_per_sample * rate / (peak * world), 5)
             rec = {
                 "step": step,
                 "loss": round(loss_v, 5),
@@ -398,12 +844,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 **({"char_loss": round(float(char.detach()), 5)} if char is not None else {}),
                 "lr": lr_at(step - 1, cfg),
                 "grad_norm": round(float(gnorm), 4),
-                "samples_per_s": round(samples_since / dt, 3),
+                "samples_per_s": round(rate, 3),
+                "bf16_peak_share": share,
+                **({"flops_per_sample": flops_per_sample} if flops_per_sample else {}),
                 "elapsed_s": round(time.time() - t_start, 1),
             }
             _append_jsonl(log_path, rec)
             log(json.dumps(rec))
-            t_last, samples_since = time.time(), 0
+            busy, samples_since = 0.0, 0
 
         out_of_time = cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes
         out_of_time = out_of_time or (cfg.stop_at is not None and step >= cfg.stop_at)
@@ -419,9 +867,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 )
                 if best is None or ev < best:
                     best = ev
-                    save_training_state(out / "best", model, tok, opt, step, cfg, {"eval_loss": ev})
+                    save_training_state(
+                        out / "best", model, tok, opt, step, cfg, {"eval_loss": ev, **run_meta}
+                    )
         if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or out_of_time):
-            save_training_state(latest, model, tok, opt, step, cfg, {"train_loss": loss_v})
+            save_training_state(
+                latest, model, tok, opt, step, cfg, {"train_loss": loss_v, **run_meta}
+            )
         if world > 1:
             torch.distributed.barrier()
         if out_of_time:
@@ -448,8 +900,9 @@ def rotate_images(images: list) -> list:
 
 @torch.no_grad()
 def evaluate(model, tok, cfg: TrainConfig, device, autocast) -> tuple[float, float]:
-    """Mean loss on a fixed set of held-out batches (the same batches at every evaluation), and
-    the same with each sample given another sample's image (:func:`rotate_images`).
+    """Mean loss on a fixed set of held-out batches (``cfg.eval_batches`` of
+    ``cfg.eval_batch_size`` pages, the same at every evaluation and for any --batch-size), and the same with each sample
+    given another sample's image (:func:`rotate_images`).
 
     Equal losses mean the decoder ignores the image: the encoder has collapsed or the decoder has
     not learned to read yet.
@@ -464,7 +917,7 @@ def evaluate(model, tok, cfg: TrainConfig, device, autocast) -> tuple[float, flo
             model.config,
             step=i,
             rank=0,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.eval_batch_size,
             seed=cfg.seed + 1_000_003,
             split="heldout",
             device=device,
@@ -490,20 +943,79 @@ def _append_jsonl(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _read_best(out: Path) -> float | None:
-    meta = out / "best" / "meta.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("eval_loss")
-    return None
+def _read_best(out: Path, eval_set: dict | None = None) -> float | None:
+    """best/'s eval loss, or None when there is none or its evaluation pages were other ones."""
+    meta = _read_meta(out / "best")
+    if not meta:
+        return None
+    saved = meta.get("eval_set")
+    if saved is None and "train" in meta:  # written before eval_set was recorded
+        saved = _eval_set(meta["train"], meta.get("data_recipe") or {})
+        saved["data"] = _plain(DataRecipe.from_meta(meta.get("data_recipe") or {}))
+        saved["data"].pop("glyph_targets", None)
+    if eval_set is not None and saved is not None and _plain(saved) != _plain(eval_set):
+        return None
+    return meta.get("eval_loss")
 
 
 # --------------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------------
 
+HELP = {
+    "model": "variant (tiny, mini-cpu, mini, deepseek-ocr) or a checkpoint folder to start from",
+    "out": "run folder: latest/, best/, log.jsonl; rerunning resumes it",
+    "tokenizer": "tokenizer.json (default: the start folder's, else a byte tokenizer)",
+    "steps": "length of the lr schedule and of the run",
+    "batch_size": "samples per step and process",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine ends at lr * this",
+    "warmup": "linear warmup steps",
+    "schedule_start": "step where warmup + cosine start (a warm restart; starts a new phase)",
+    "freeze": "comma list of parts kept fixed: sam, clip, decoder",
+    "vision_lr_scale": "learning-rate multiplier of SAM, CLIP and the projector",
+    "char_loss": "weight of the per-vision-token character loss (0: off)",
+    "input_noise": "share of decoder input text tokens replaced at random (0: off)",
+    "seed": "seed of the weights and of the data stream",
+    "eval_batches": "held-out batches per evaluation",
+    "eval_batch_size": "pages per held-out batch (not tied to --batch-size)",
+    "max_minutes": "stop with a checkpoint after this much wall time",
+    "stop_at": "stop with a checkpoint at this step (a phase's end)",
+    "device": "cpu or cuda (default: cuda if available)",
+    "workers": "data-loader processes (0: build batches inline)",
+    "new_phase": "resume --out under changed seed, batch size, recipe or lr schedule",
+    "data_corpus": "corpus folder with train/heldout .jsonl[.gz] (default: a built-in toy set)",
+    "data_langs": "comma list of corpus languages (default: all)",
+    "data_modes": "comma list of resolution modes (tiny, small, base, ...)",
+    "data_min_chars": "shortest passage drawn, in characters",
+    "data_max_chars": "longest passage drawn, in characters",
+    "data_font_sizes": "comma list of font sizes in px",
+    "data_fonts": "comma list of font families: sans, serif, mono",
+    "data_max_target_tokens": "longer targets are cut and trained without EOS",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, through main's ConfigError handling (exit status 2)
+        raise ConfigError(message)
+
+
+def parse_bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false, 1/0, yes/no)")
+
+
+parse_bool.__name__ = "boolean"  # argparse names the type in its message
+
 
 def _arg_type(f: dataclasses.Field, default):
     """The argparse type of a dataclass field, from its default or its annotation."""
+    if isinstance(default, bool):
+        return parse_bool
     if default is not None:
         return type(default)
     ann = str(f.type)
@@ -511,7 +1023,8 @@ def _arg_type(f: dataclasses.Field, default):
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
-    p = argparse.ArgumentParser(
+    """argv -> TrainConfig; a bad value raises ConfigError (one line)."""
+    p = _Parser(
         prog="python -m dsocr.train.loop",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -520,20 +1033,20 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("data", "freeze", "betas"):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         default = getattr(defaults, f.name)
-        p.add_argument(flag, type=_arg_type(f, default), default=default)
-    p.add_argument("--freeze", default="", help="comma list: sam, clip, decoder")
+        if f.name == "new_phase":
+            p.add_argument(flag, action="store_true", help=HELP[f.name])
+            continue
+        p.add_argument(flag, type=_arg_type(f, default), default=default, help=HELP.get(f.name))
+    p.add_argument("--freeze", default="", help=HELP["freeze"])
     for f in dataclasses.fields(DataRecipe):
         default = getattr(defaults.data, f.name)
+        flag, help_ = "--data-" + f.name.replace("_", "-"), HELP.get("data_" + f.name)
         if isinstance(default, tuple):
-            p.add_argument(
-                "--data-" + f.name.replace("_", "-"), default=",".join(map(str, default))
-            )
+            p.add_argument(flag, default=",".join(map(str, default)), help=help_)
         else:
-            p.add_argument(
-                "--data-" + f.name.replace("_", "-"), type=_arg_type(f, default), default=default
-            )
+            p.add_argument(flag, type=_arg_type(f, default), default=default, help=help_)
     a = vars(p.parse_args(argv))
     data_kwargs = {}
     for f in dataclasses.fields(DataRecipe):
@@ -541,15 +1054,24 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
         default = getattr(defaults.data, f.name)
         if isinstance(default, tuple):
             conv = type(default[0]) if default else str
-            v = tuple(conv(x) for x in str(v).split(",") if x)
+            try:
+                v = tuple(conv(x.strip()) for x in str(v).split(",") if x.strip())
+            except ValueError:
+                raise ConfigError(
+                    f"--data-{f.name.replace('_', '-')} {v}: expected a comma list of "
+                    f"{conv.__name__}"
+                ) from None
         data_kwargs[f.name] = v
-    freeze = tuple(x for x in a.pop("freeze").split(",") if x)
+    freeze = tuple(x.strip() for x in a.pop("freeze").split(",") if x.strip())
     return TrainConfig(**a, freeze=freeze, data=DataRecipe(**data_kwargs))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    train(cfg)
+    try:
+        train(parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
