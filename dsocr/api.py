@@ -10,6 +10,7 @@ The embedded default, dsocr-mini, lives in ``dsocr/assets/dsocr-mini/`` once tra
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,15 @@ from PIL import Image
 from dsocr.configs import CONFIGS, Mode, get_mode
 from dsocr.engine.generate import Engine, GenerationParams, Request, Result
 from dsocr.engine.sampling import OFFICIAL_NGRAM_SETTINGS, ngram_whitelist_for
-from dsocr.language.tokenizer import PROMPTS, Tokenizer, build_prompt_ids, byte_tokenizer
+from dsocr.language.tokenizer import (
+    IMAGE_TOKEN,
+    PROMPTS,
+    Tokenizer,
+    build_prompt_ids,
+    byte_tokenizer,
+)
 from dsocr.model import DeepseekOCRForCausalLM
-from dsocr.pipeline.providers import iter_pages
+from dsocr.pipeline.providers import PageImage, iter_pages
 from dsocr.vision.preprocess import ImageInputs, check_image_size, preprocess_image
 from dsocr.weights import load_checkpoint
 
@@ -100,6 +107,29 @@ def model_defaults(source: str | Path | None = None) -> dict:
     return {k: v for k, v in defaults.items() if k in ("mode", "task") and isinstance(v, str)}
 
 
+def first_page(path: str | Path) -> PageImage:
+    """The first page of an image or PDF file; its ``page_count`` says how many the file has.
+
+    Problems with the file raise ``InputError`` ("<path>: <reason>"); the file is closed after.
+    """
+    pages = iter_pages(path, pages=[0], extract_text=False)
+    try:
+        return next(pages)
+    finally:
+        pages.close()
+
+
+def check_prompt(prompt: str, n_images: int) -> None:
+    """A ValueError unless ``prompt`` holds one ``<image>`` per image (none for text only)."""
+    n = prompt.count(IMAGE_TOKEN)
+    if n != n_images:
+        want = f"exactly {n_images} {IMAGE_TOKEN}" if n_images else f"no {IMAGE_TOKEN}"
+        raise ValueError(
+            f"prompt {prompt[:60]!r} has {n} {IMAGE_TOKEN} marker(s); it needs {want} "
+            f"(one per image), e.g. {PROMPTS['free']!r}"
+        )
+
+
 @dataclass
 class OCR:
     """A loaded model plus its tokenizer; ``generate(image, prompt)`` returns the decoded text."""
@@ -115,7 +145,7 @@ class OCR:
         EXIF); their problems raise ``InputError`` with a one-line "<path>: <reason>".
         """
         if not isinstance(image, Image.Image):
-            image = next(iter_pages(image, pages=[0], extract_text=False)).image
+            image = first_page(image).image
         else:
             check_image_size(image)
         return preprocess_image(image, get_mode(mode))
@@ -157,6 +187,8 @@ class OCR:
         )
         if len(budgets) != len(images):
             raise ValueError(f"{len(budgets)} max_new_tokens values for {len(images)} images")
+        for n_images in {0 if image is None else 1 for image in images}:  # before any decoding
+            check_prompt(prompt, n_images)
         requests = []
         for image, budget in zip(images, budgets):
             params = GenerationParams(
@@ -196,20 +228,38 @@ def load_model(
 ) -> OCR:
     """Load a checkpoint folder, a bundled model (default: dsocr-mini) or a random-weight variant.
 
-    ``dtype=None`` picks float32 on CPU and bfloat16 on GPUs.
+    ``dtype=None`` picks float32 on CPU and bfloat16 on GPUs. A folder needs ``tokenizer.json``;
+    a random-weight variant (and, with a warning, a folder of a model under 1,000 ids) gets a
+    byte tokenizer. The tokenizer must fit the model: every id, ``<image>`` and EOS included,
+    inside its vocabulary, else a ValueError naming tokenizer.json.
     """
     device = check_device(device)
     resolved = resolve_model_source(source)
     model = load_checkpoint(resolved, device=device, dtype=dtype)
+    cfg = model.config
+    vocab = cfg.language.vocab_size
+    where = f"{resolved}/tokenizer.json" if isinstance(resolved, Path) else str(resolved)
     if isinstance(resolved, Path) and (resolved / "tokenizer.json").is_file():
         tok = Tokenizer.from_folder(resolved)
-    elif model.config.language.vocab_size < 1000:
-        tok = Tokenizer(byte_tokenizer(vocab_size=model.config.language.vocab_size))
+    elif vocab < 1000:
+        if isinstance(resolved, Path):
+            warnings.warn(
+                f"{resolved}: no tokenizer.json; using a byte tokenizer of {vocab} ids "
+                "(right only for random-weight test models)",
+                stacklevel=2,
+            )
+        tok = Tokenizer(byte_tokenizer(vocab_size=vocab))
     else:
         raise FileNotFoundError(f"{resolved}: no tokenizer.json beside the weights")
-    if tok.image_id != model.config.image_token_id:
+    top = max(tok.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab:
+        raise ValueError(
+            f"{where}: token ids up to {top} do not fit the model's vocabulary of {vocab} "
+            "(config.json vocab_size); a tokenizer of another model?"
+        )
+    if tok.image_id != cfg.image_token_id:
         raise ValueError(
             f"{resolved}: tokenizer's <image> id {tok.image_id} != config image_token_id "
-            f"{model.config.image_token_id}"
+            f"{cfg.image_token_id}"
         )
     return OCR(model, tok, str(resolved))

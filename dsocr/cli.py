@@ -20,25 +20,44 @@ def _dtype(name: str | None):
 
 
 def cmd_ocr(args) -> int:
-    from dsocr.api import load_model, model_defaults
+    from dsocr.api import check_prompt, first_page, load_model, model_defaults
     from dsocr.language.tokenizer import PROMPTS
     from dsocr.pipeline.providers import InputError
 
+    _check_number("--max-new-tokens", args.max_new_tokens)  # flags before the model loads
     defaults = model_defaults(args.model)
     mode = args.mode or defaults.get("mode", "base")
-    ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     prompt = args.prompt or PROMPTS[args.task or defaults.get("task", "free")]
+    check_prompt(prompt, 1)
+    ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     status = 0
-    for path in args.images:
+    for path in args.images:  # stdout: the text (and headers); notices and errors: stderr
+        name = _printable(path)
         try:
-            text = ocr.generate(path, prompt, mode=mode, max_new_tokens=args.max_new_tokens)
-        except InputError as e:  # already "<path>: <reason>"
-            print(f"dsocr: error: {e}", file=sys.stderr)
+            page = first_page(path)
+            res = ocr.run(page.image, prompt, mode=mode, max_new_tokens=args.max_new_tokens)
+        except (InputError, ValueError) as e:  # InputError is already "<path>: <reason>"
+            why = e if isinstance(e, InputError) else f"{name}: {e}"
+            print(f"dsocr: error: {why}", file=sys.stderr)
             status = 1
             continue
         if len(args.images) > 1:
             print(f"==> {path} <==")
-        print(text)
+        print(res.text.strip(), flush=True)
+        notes = {
+            "length": f"stopped at the token limit ({res.num_generated_tokens} tokens) before "
+            "the end of the page; the text may be cut (raise --max-new-tokens)",
+            "loop": f"stopped by the loop detector (a {res.loop_period}-token block repeating);"
+            " the text ends early",
+        }
+        if res.finish_reason in notes:
+            print(f"dsocr: warning: {name}: {notes[res.finish_reason]}", file=sys.stderr)
+        if page.page_count > 1:
+            print(
+                f"dsocr: warning: {name}: read page 1 of {page.page_count}; "
+                "dsocr convert reads every page",
+                file=sys.stderr,
+            )
     return status
 
 
@@ -369,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     o = sub.add_parser("ocr", help="decode images to text with one prompt")
-    o.add_argument("images", nargs="+", help="image files")
+    o.add_argument(
+        "images", nargs="+", help="image files (of a PDF, page 1; dsocr convert reads them all)"
+    )
     o.add_argument(
         "--model",
         default=None,
@@ -387,8 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["free", "markdown", "ocr", "figure", "describe"],
         help="default: the model's own (meta.json), else free",
     )
-    o.add_argument("--prompt", default=None, help="a raw prompt (overrides --task)")
-    o.add_argument("--max-new-tokens", type=int, default=512)
+    o.add_argument(
+        "--prompt", default=None, help="a raw prompt with one <image> (overrides --task)"
+    )
+    o.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=512,
+        help="per image (default: 512); a page cut there gets a warning on stderr",
+    )
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     o.add_argument(
         "--dtype",

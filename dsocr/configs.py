@@ -11,13 +11,15 @@ Gotchas kept from the checkpoint:
 - ``view_seperator`` is misspelled in the official key names; we keep it.
 - The official config.json nests ``vision_config``/``projector_config``/``language_config`` and also
   duplicates the language fields at top level; :func:`config_to_json` writes that shape and
-  :func:`config_from_json` reads it.
+  :func:`config_from_json` reads it (the nested copy wins), checking identity, required keys,
+  types and ranges, with a one-line ``CheckpointError`` naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,11 +120,17 @@ class DeepseekOCRConfig:
     name: str = "deepseek-ocr"
 
     def __post_init__(self):
-        assert self.sam.out_width == self.clip.width, (
-            f"CLIP consumes SAM's output map as patch tokens: sam.out_width={self.sam.out_width} "
-            f"must equal clip.width={self.clip.width}"
-        )
-        assert self.language.hidden_size % self.language.num_attention_heads == 0
+        if self.sam.out_width != self.clip.width:
+            raise ValueError(
+                f"CLIP consumes SAM's output map as patch tokens: sam.out_width="
+                f"{self.sam.out_width} must equal clip.width={self.clip.width}"
+            )
+        lang = self.language
+        if lang.num_attention_heads <= 0 or lang.hidden_size % lang.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={lang.num_attention_heads} must divide "
+                f"hidden_size={lang.hidden_size}"
+            )
 
     @property
     def projector_input_dim(self) -> int:
@@ -362,47 +370,270 @@ def config_to_json(cfg: DeepseekOCRConfig) -> dict[str, Any]:
     }
 
 
-def _pick(cls, d: dict, **renames) -> dict:
-    """Keep the keys of ``d`` that are fields of ``cls`` (after ``renames``: field=json_key)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for name in names:
-        key = renames.get(name, name)
-        if key in d:
-            v = d[key]
-            out[name] = tuple(v) if isinstance(v, list) else v
-    return out
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match the model: one line naming the file (or folder)
+    and the reason. Defined here because ``config.json`` is read here; ``dsocr.weights``
+    re-exports it."""
 
 
-def config_from_json(d: dict[str, Any]) -> DeepseekOCRConfig:
-    """Read an official (or dsocr-written) config.json. Missing keys take the official defaults.
+# What the official checkpoint and dsocr's own ``save_checkpoint`` write (spec §8).
+MODEL_TYPES = ("deepseek_vl_v2",)
+ARCHITECTURES = ("DeepseekOCRForCausalLM",)
+LANGUAGE_ARCHITECTURES = ("DeepseekV2ForCausalLM",)
+SAM_KEY, CLIP_KEY = "sam_vit_b", "clip-l-14-224"
+# Keys every official-layout config.json holds (the official file and save_checkpoint's both do);
+# a missing one would otherwise silently take the official default and surface later as thousands
+# of mis-shaped tensors. rope_theta, rms_norm_eps, norm_topk_prob, moe_layer_freq... are absent
+# from the official file and keep their defaults.
+REQUIRED_LANGUAGE = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "max_position_embeddings",
+)
+REQUIRED_SAM = ("downsample_channels", "global_attn_indexes", "heads", "layers", "width")
+REQUIRED_CLIP = ("heads", "image_size", "layers", "patch_size", "width")
 
-    The official file omits the SAM/CLIP sizes we treat as fixed (patch, window, neck width...), and
-    some language defaults (rope_theta, rms_norm_eps); the dataclass defaults fill them in.
-    """
-    width = d.get("vision_config", {}).get("width", {})
-    sam = _pick(SamConfig, width.get("sam_vit_b", {}), depth="layers")
-    clip = _pick(ClipConfig, width.get("clip-l-14-224", {}))
-    lang_src = {**d, **d.get("language_config", {})}
-    lang = _pick(LanguageConfig, lang_src)
-    top = {}
-    for k in ("image_token_id", "pad_token_id"):
-        if k in d:
-            top[k] = d[k]
-    return DeepseekOCRConfig(
-        sam=SamConfig(**sam),
-        clip=ClipConfig(**clip),
-        language=LanguageConfig(**lang),
-        name=d.get("dsocr_variant", "deepseek-ocr"),
-        **top,
+
+class _Bad(Exception):
+    """A config.json problem: ``key`` (dotted JSON path) and what is wrong with it."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"{key}: {why}")
+
+
+def _json_type(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(v), "null" if v is None else type(v).__name__
     )
 
 
+def _section(d: dict, key: str, where: str = "") -> dict:
+    v = d.get(key, {})
+    if not isinstance(v, dict):
+        raise _Bad(where + key, f"must be a JSON object, got {_json_type(v)}")
+    return v
+
+
+def _typed(cls, d: dict, prefix: str, **renames) -> dict:
+    """The fields of ``cls`` found in ``d`` (after ``renames``: field=json_key), type-checked
+    against the field's annotation: int (not bool, not 3.0), float (int or float, finite), bool,
+    tuple[int, ...] (a JSON list of ints)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = renames.get(f.name, f.name)
+        if key not in d:
+            continue
+        v, t, name = d[key], f.type, prefix + key
+        if t == "int":
+            if type(v) is not int:
+                raise _Bad(name, f"must be an integer, got {v!r}")
+        elif t == "float":
+            if type(v) not in (int, float) or not math.isfinite(v):
+                raise _Bad(name, f"must be a finite number, got {v!r}")
+            v = float(v)
+        elif t == "bool":
+            if type(v) is not bool:
+                raise _Bad(name, f"must be true or false, got {v!r}")
+        elif t == "tuple[int, ...]":
+            if not isinstance(v, list) or any(type(x) is not int for x in v):
+                raise _Bad(name, f"must be a list of integers, got {v!r}")
+            v = tuple(v)
+        elif t == "str":
+            if not isinstance(v, str):
+                raise _Bad(name, f"must be a string, got {v!r}")
+        out[f.name] = v
+    return out
+
+
+def _check_identity(d: dict) -> None:
+    lang = _section(d, "language_config")
+    if "model_type" not in d:
+        raise _Bad("model_type", f"missing (a DeepSeek-OCR config.json has {MODEL_TYPES[0]!r})")
+    if d["model_type"] not in MODEL_TYPES:
+        raise _Bad("model_type", f"{d['model_type']!r} is not DeepSeek-OCR ({MODEL_TYPES[0]!r})")
+    arch = d.get("architectures")
+    if arch is None:
+        raise _Bad("architectures", f"missing (DeepSeek-OCR: {list(ARCHITECTURES)})")
+    if not isinstance(arch, list) or not arch or any(a not in ARCHITECTURES for a in arch):
+        raise _Bad("architectures", f"{arch!r} is not DeepSeek-OCR ({list(ARCHITECTURES)})")
+    if "architectures" in lang and lang["architectures"] != list(LANGUAGE_ARCHITECTURES):
+        raise _Bad(
+            "language_config.architectures",
+            f"{lang['architectures']!r} is not the DeepSeek-V2 decoder "
+            f"({list(LANGUAGE_ARCHITECTURES)})",
+        )
+    if lang.get("use_mla", d.get("use_mla", False)) not in (False, None):
+        raise _Bad("use_mla", "multi-head latent attention is not DeepSeek-OCR's decoder (false)")
+
+
+def _check_values(S: SamConfig, C: ClipConfig, L: LanguageConfig, top: dict) -> None:
+    """Ranges and relations the model needs, named by their config.json keys."""
+    image_token_id = top.get("image_token_id", DeepseekOCRConfig.image_token_id)
+    pad_token_id = top.get("pad_token_id", DeepseekOCRConfig.pad_token_id)
+    sam = f"vision_config.width.{SAM_KEY}."
+    clip = f"vision_config.width.{CLIP_KEY}."
+
+    def positive(name, v):
+        if v <= 0:
+            raise _Bad(name, f"must be > 0, got {v}")
+
+    for k in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "moe_layer_freq",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "routed_scaling_factor",
+    ):
+        positive(k, getattr(L, k))
+    for k in ("n_shared_experts", "first_k_dense_replace"):
+        if getattr(L, k) < 0:
+            raise _Bad(k, f"must be >= 0, got {getattr(L, k)}")
+    if L.hidden_size % L.num_attention_heads:
+        raise _Bad(
+            "num_attention_heads",
+            f"{L.num_attention_heads} does not divide hidden_size {L.hidden_size}",
+        )
+    if L.head_dim % 2:
+        raise _Bad("num_attention_heads", f"head size {L.head_dim} must be even (RoPE)")
+    if L.num_key_value_heads != L.num_attention_heads:
+        raise _Bad(
+            "num_key_value_heads",
+            f"{L.num_key_value_heads} != num_attention_heads {L.num_attention_heads} "
+            "(the decoder is plain multi-head attention)",
+        )
+    if L.num_experts_per_tok > L.n_routed_experts:
+        raise _Bad(
+            "num_experts_per_tok",
+            f"{L.num_experts_per_tok} > n_routed_experts {L.n_routed_experts}",
+        )
+    for k, v in (
+        ("bos_token_id", L.bos_token_id),
+        ("eos_token_id", L.eos_token_id),
+        ("image_token_id", image_token_id),
+        ("pad_token_id", pad_token_id),
+    ):
+        if not 0 <= v < L.vocab_size:
+            raise _Bad(k, f"{v} is outside the vocabulary (vocab_size {L.vocab_size})")
+    for k, v in (
+        ("img_size", S.img_size),
+        ("patch_size", S.patch_size),
+        ("width", S.width),
+        ("layers", S.depth),
+        ("heads", S.heads),
+        ("window_size", S.window_size),
+        ("out_chans", S.out_chans),
+        ("mlp_ratio", S.mlp_ratio),
+    ):
+        positive(sam + k, v)
+    if S.width % S.heads:
+        raise _Bad(sam + "heads", f"{S.heads} does not divide width {S.width}")
+    if not S.downsample_channels or min(S.downsample_channels) <= 0:
+        raise _Bad(
+            sam + "downsample_channels", f"must be positive, got {list(S.downsample_channels)}"
+        )
+    bad = [i for i in S.global_attn_indexes if not 0 <= i < S.depth]
+    if bad:
+        raise _Bad(sam + "global_attn_indexes", f"{bad} not among the {S.depth} layers")
+    for k in ("width", "layers", "heads", "mlp_dim", "image_size", "patch_size", "ln_eps"):
+        positive(clip + k, getattr(C, k))
+    if C.width % C.heads:
+        raise _Bad(clip + "heads", f"{C.heads} does not divide width {C.width}")
+    if S.out_width != C.width:
+        raise _Bad(
+            clip + "width",
+            f"{C.width} != SAM's output width {S.out_width} (sam downsample_channels[-1]): "
+            "CLIP takes SAM's map as its patch tokens",
+        )
+
+
+def _check_projector(d: dict, cfg: DeepseekOCRConfig) -> None:
+    proj = _section(d, "projector_config")
+    for k, want in (("input_dim", cfg.projector_input_dim), ("n_embed", cfg.n_embed)):
+        if k in proj and proj[k] != want:
+            raise _Bad(f"projector_config.{k}", f"{proj[k]!r} != {want} (from the other sections)")
+
+
+def config_from_json(d: Any, where: str = "config.json") -> DeepseekOCRConfig:
+    """Read an official (or dsocr-written) config.json, checked: a CheckpointError names
+    ``where`` and the offending key.
+
+    Checked: the top level is an object; ``model_type`` / ``architectures`` are DeepSeek-OCR's;
+    the keys every official-layout file holds are present (``REQUIRED_*``); every value we read
+    has its type (integers are integers, not 3.0 or "320") and range (positive sizes, heads that
+    divide the width, top-k <= experts, ids inside the vocabulary...). Keys we do not use are
+    ignored. The official file omits the SAM/CLIP sizes we treat as fixed (patch, window, neck
+    width...), and some language defaults (rope_theta, rms_norm_eps); the dataclass defaults
+    fill those in.
+    """
+    try:
+        if not isinstance(d, dict):
+            raise _Bad("top level", f"must be a JSON object, got {_json_type(d)}")
+        _check_identity(d)
+        vision = _section(d, "vision_config")
+        width = _section(vision, "width", "vision_config.")
+        sam_src = _section(width, SAM_KEY, "vision_config.width.")
+        clip_src = _section(width, CLIP_KEY, "vision_config.width.")
+        lang_nested = _section(d, "language_config")
+        # The official file repeats the language fields at the top level; the nested copy wins.
+        lang_src = {**d, **lang_nested}
+        for keys, src, prefix in (
+            (REQUIRED_LANGUAGE, lang_src, ""),
+            (REQUIRED_SAM, sam_src, f"vision_config.width.{SAM_KEY}."),
+            (REQUIRED_CLIP, clip_src, f"vision_config.width.{CLIP_KEY}."),
+        ):
+            for k in keys:
+                if k not in src:
+                    raise _Bad(prefix + k, "missing")
+        sam = SamConfig(
+            **_typed(SamConfig, sam_src, f"vision_config.width.{SAM_KEY}.", depth="layers")
+        )
+        clip = ClipConfig(**_typed(ClipConfig, clip_src, f"vision_config.width.{CLIP_KEY}."))
+        lang = LanguageConfig(**_typed(LanguageConfig, lang_src, ""))
+        top = _typed(DeepseekOCRConfig, d, "", name="dsocr_variant")
+        top = {k: v for k, v in top.items() if k in ("image_token_id", "pad_token_id", "name")}
+        _check_values(sam, clip, lang, top)
+        cfg = DeepseekOCRConfig(
+            sam=sam, clip=clip, language=lang, **{"name": "deepseek-ocr", **top}
+        )
+        _check_projector(d, cfg)
+    except _Bad as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return cfg
+
+
 def load_config(folder: str | Path) -> DeepseekOCRConfig:
-    path = Path(folder) / "config.json"
+    """The checked config of a checkpoint folder. A missing folder or config.json is a
+    FileNotFoundError; anything else wrong (not a folder, unreadable, not JSON, bad values) a
+    CheckpointError; both one line naming the path."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(
+            f"{folder}: is a file, not a checkpoint folder (config.json + *.safetensors)"
+        )
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a checkpoint folder)")
     try:
-        return config_from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable config.json: {e}") from None
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config.json: {e}") from None
+    return config_from_json(data, str(path))

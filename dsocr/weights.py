@@ -6,9 +6,11 @@ optionally ``tokenizer.json`` and a dsocr ``meta.json``. Key names are the offic
 so no mapping table is needed: the model's own ``state_dict`` names are the checkpoint's.
 
 Loading builds the model on the meta device and assigns the (memory-mapped) tensors, so a 3.3B
-checkpoint costs no init time and no second copy. Loading is strict: every missing, unknown or
-mis-shaped tensor is reported by name. The one allowed difference is CLIP's unused
-``patch_embedding``, which may be absent from a checkpoint (it is then zero-filled).
+checkpoint costs no init time and no second copy. Loading is strict: every missing, unknown,
+mis-shaped or non-float tensor is reported by name. The one allowed difference is CLIP's unused
+``patch_embedding``, which may be absent from a checkpoint (it is then zero-filled). config.json is
+checked when read (``configs.config_from_json``), and an index may name only files inside the
+folder. Every problem is a one-line ``CheckpointError`` naming the file and the reason.
 
 Gotcha: safetensors cannot store tensors that share memory; we save contiguous clones.
 """
@@ -22,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsocr.configs import DeepseekOCRConfig, config_to_json, load_config
+from dsocr.configs import CheckpointError, DeepseekOCRConfig, config_to_json, load_config
 from dsocr.fileio import atomic_write_json, atomic_write_with
 from dsocr.model import DeepseekOCRForCausalLM, build_model
 
@@ -31,8 +33,14 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not match the model (names the folder and the tensors)."""
+__all__ = [
+    "CheckpointError",  # defined in dsocr.configs (config.json is read there), raised here too
+    "check_state_dict",
+    "checkpoint_files",
+    "load_checkpoint",
+    "read_state_dict",
+    "save_checkpoint",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,22 +48,54 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+def _read_index(path: Path) -> list[str]:
+    """The shard file names of an index (its ``weight_map`` values), checked: a JSON object
+    whose ``weight_map`` maps tensor names to plain file names inside the folder."""
+    try:
+        index = json.loads(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable index ({e})") from None
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise CheckpointError(f'{path}: unreadable index (no "weight_map" object)')
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f'{path}: "weight_map" must be a non-empty object of name: file')
+    names = set()
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{path}: weight_map[{key!r}] is not a file name: {name!r}")
+        # Shards live in the folder itself: no sub-folders, no "..", no absolute paths.
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(
+                f"{path}: weight_map[{key!r}] = {name!r} points outside the checkpoint folder"
+            )
+        names.add(name)
+    return sorted(names)
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, from its index when sharded."""
     folder = Path(folder)
-    if (folder / INDEX_FILE).is_file():
-        try:
-            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{folder / INDEX_FILE}: unreadable index ({e})") from None
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
+    index = folder / INDEX_FILE
+    if index.is_dir():
+        raise CheckpointError(f"{index}: is a folder, not a file")
+    if index.exists():
+        files = [folder / f for f in _read_index(index)]
+        missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{folder}: index names missing shard(s) {', '.join(missing)}")
+        folders = [f.name for f in files if not f.is_file()]
+        if folders:
+            raise CheckpointError(f"{folder}: shard(s) {', '.join(folders)} are not files")
         return files
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    if single.exists():
+        raise CheckpointError(f"{single}: is a folder, not a safetensors file")
+    found = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
     if found:
         return [folder / f for f in found]
     raise CheckpointError(f"{folder}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
@@ -79,7 +119,11 @@ def read_state_dict(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    """Raise CheckpointError naming every missing, unexpected, mis-shaped or non-float tensor.
+
+    Every tensor of the model is a float weight; an integer or boolean tensor of the right shape
+    would be cast to float silently and give garbage, so it is refused by name.
+    """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in sd and k not in OPTIONAL_KEYS]
     unexpected = [k for k in sd if k not in expected]
@@ -88,8 +132,18 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where:
         for k in expected
         if k in sd and tuple(sd[k].shape) != tuple(expected[k])
     ]
+    dtypes = [
+        f"{k}: {str(sd[k].dtype).removeprefix('torch.')}"
+        for k in expected
+        if k in sd and not sd[k].is_floating_point()
+    ]
     problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+    for title, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", shapes),
+        ("non-float", dtypes),
+    ):
         if items:
             shown = "; ".join(items[:5]) + (
                 f"; ... ({len(items)} in all)" if len(items) > 5 else ""
@@ -122,7 +176,7 @@ def load_checkpoint(
         if str(source) in CONFIGS:
             return build_model(CONFIGS[str(source)], device=device, dtype=dtype).eval()
         raise FileNotFoundError(f"{source}: no such checkpoint folder or variant name")
-    cfg = load_config(folder)
+    cfg = load_config(folder)  # checked: a bad config.json is a CheckpointError naming the key
     model = build_model(cfg, device="meta")
     sd = read_state_dict(folder)
     check_state_dict(model, sd, str(folder))

@@ -117,7 +117,7 @@ def test_cli_ocr_bad_files_are_one_line_errors_and_others_carry_on(tmp_path, cap
     code = main([*args, "--max-new-tokens", "2", "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 1
-    errors = captured.err.strip().splitlines()
+    errors = [x for x in captured.err.splitlines() if x.startswith("dsocr: error: ")]
     assert len(errors) == len(bad)
     for path, line in zip(bad, errors):
         assert line.startswith(f"dsocr: error: {path}: ")
@@ -193,3 +193,154 @@ def test_run_reports_finish_reason_and_uses_the_official_ngram_ban(tmp_path, mon
     p = seen["params"]
     assert (p.ngram_size, p.ngram_window) == (30, 90)  # the official single-image setting
     assert p.ngram_whitelist == frozenset({ocr.tokenizer.token_to_id(t) for t in ("<td>", "</td>")})
+
+
+# --------------------------------------------------------------------------- loading checks
+
+
+def test_the_bundled_model_loads_without_warnings():
+    import warnings
+
+    from dsocr.api import ASSETS, DEFAULT_MODEL
+
+    if not (ASSETS / DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip("dsocr-mini weights are not bundled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ocr = dsocr.load_model(device="cpu")  # config.json checks pass on the shipped model
+    assert ocr.model.config.name == "mini-cpu" and len(ocr.tokenizer) == 384
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    from dsocr.api import ASSETS
+
+    mini = ASSETS / "dsocr-mini" / "tokenizer.json"  # ids up to 383; tiny has 320
+    if not mini.is_file():
+        pytest.skip("dsocr-mini is not bundled")
+    folder = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    shutil.copy(mini, folder / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"tokenizer.json: token ids up to 383 do not fit .* 320"):
+        dsocr.load_model(folder, device="cpu")
+    assert main(["info", "--model", str(folder)]) == 2
+
+
+def test_a_folder_without_tokenizer_json_warns_a_variant_name_does_not(tiny_model, tmp_path):
+    import warnings
+
+    folder = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match="no tokenizer.json; using a byte tokenizer"):
+        dsocr.load_model(folder, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dsocr.load_model("tiny", device="cpu")
+
+
+def test_run_refuses_a_prompt_without_one_image_marker(tmp_path):
+    ocr = dsocr.load_model("tiny", device="cpu")
+    page = _page(tmp_path / "p.png")
+    for prompt in ("Free OCR.", "<image><image>x"):
+        with pytest.raises(ValueError, match="needs exactly 1 <image>"):
+            ocr.run(page, prompt, mode=TEST_BASE, max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs no <image>"):
+        ocr.run(None, "<image>\nFree OCR.", max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------- dsocr ocr
+
+
+def _no_load(monkeypatch):
+    import dsocr.api as api
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not load before the flags are checked")
+
+    monkeypatch.setattr(api, "load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "flags,why",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be > 0, got 0"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be > 0, got -5"),
+        (["--prompt", "Hello"], "has 0 <image> marker(s)"),
+        (["--prompt", "<image><image>x"], "has 2 <image> marker(s)"),
+    ],
+)
+def test_cli_ocr_checks_flags_before_loading_the_model(tmp_path, capsys, monkeypatch, flags, why):
+    _no_load(monkeypatch)
+    page = _page(tmp_path / "p.png")
+    assert main(["ocr", str(page), "--model", "tiny", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert why in captured.err
+
+
+def _fake_result(finish_reason, text="Hiw", loop_period=None):
+    from dsocr.engine.generate import Result
+
+    return Result(0, [5, 6, 7], text, finish_reason, 10, 3, 0, 0, 0, 0, 0, loop_period)
+
+
+@pytest.mark.parametrize(
+    "reason,notice",
+    [
+        ("length", "stopped at the token limit (3 tokens) before the end of the page"),
+        ("loop", "stopped by the loop detector (a 4-token block repeating)"),
+        ("eos", None),
+        ("stop", None),
+    ],
+)
+def test_cli_ocr_says_on_stderr_when_a_page_did_not_end(
+    tmp_path, capsys, monkeypatch, reason, notice
+):
+    import dsocr.api as api
+
+    monkeypatch.setattr(api.OCR, "run", lambda self, *a, **k: _fake_result(reason, loop_period=4))
+    page = _page(tmp_path / "p.png")
+    assert main(["ocr", str(page), "--model", "tiny", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hiw\n"  # stdout: the text only
+    if notice is None:
+        assert captured.err == ""
+    else:
+        assert captured.err == f"dsocr: warning: {page}: {notice}" + (
+            "; the text may be cut (raise --max-new-tokens)\n"
+            if reason == "length"
+            else "; the text ends early\n"
+        )
+
+
+def test_cli_ocr_of_a_pdf_reads_page_one_and_says_so(tmp_path, capsys, monkeypatch):
+    from test_providers import blank_pdf
+
+    import dsocr.api as api
+
+    seen = []
+
+    def run(self, image, *a, **k):
+        seen.append(image)
+        return _fake_result("eos")
+
+    monkeypatch.setattr(api.OCR, "run", run)
+    pdf = blank_pdf(tmp_path / "doc.pdf", 2, size=(100, 80))
+    one = blank_pdf(tmp_path / "one.pdf", 1, size=(100, 80))
+    assert main(["ocr", str(pdf), str(one), "--model", "tiny", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"==> {pdf} <==\nHiw\n==> {one} <==\nHiw\n"
+    assert (
+        captured.err == f"dsocr: warning: {pdf}: read page 1 of 2; dsocr convert reads every page\n"
+    )
+    assert all(isinstance(im, Image.Image) for im in seen) and len(seen) == 2
+
+
+def test_cli_ocr_real_run_at_the_token_limit_warns(tmp_path, capsys):
+    page = _page(tmp_path / "p.png", 64, 64)
+    args = ["ocr", str(page), "--model", "tiny", "--mode", "tiny", "--device", "cpu"]
+    assert main([*args, "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    ocr = dsocr.load_model("tiny", device="cpu")
+    res = ocr.run(page, mode="tiny", max_new_tokens=3)
+    assert captured.out == res.text.strip() + "\n"
+    assert ("stopped at the token limit" in captured.err) == (res.finish_reason == "length")

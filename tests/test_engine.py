@@ -7,6 +7,8 @@ the right cache rows (slot moves, prefill into free rows).
 """
 
 import itertools
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 
@@ -664,3 +666,162 @@ def test_bfloat16_engine_with_real_images(tiny_cfg):
         logits = model(torch.tensor([prompts[0]]), image_embeds=embeds)
     assert embeds.dtype == torch.bfloat16
     assert results[0].token_ids[0] == int(logits[0, -1].float().argmax())
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    "kwargs,why",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+        (dict(max_new_tokens=-5), "max_new_tokens must be an integer >= 1"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=-0.1), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=float("nan")), "top_p must be a finite number"),
+        (dict(temperature=float("nan")), "temperature must be a finite number"),
+        (dict(temperature=float("inf")), "temperature must be a finite number"),
+        (dict(ngram_size=1), "ngram_size must be an integer >= 2, got 1"),
+        (dict(ngram_size=3, ngram_window=0), "ngram_window must be an integer >= 1"),
+        (dict(loop_min_repeats=1), "loop_min_repeats must be an integer >= 2"),
+        (dict(stop=("",)), "stop strings must be non-empty strings"),
+        (dict(stop=""), "stop strings must be non-empty strings"),
+        (dict(stop=(3,)), "stop strings must be non-empty strings"),
+        (dict(stop_token_ids=(-1,)), "stop_token_ids must be token ids"),
+        (dict(seed="7"), "seed must be an integer or None"),
+    ],
+)
+def test_generation_params_refuse_bad_values_with_value_error(kwargs, why):
+    with pytest.raises(ValueError, match=why):
+        GenerationParams(**kwargs)
+
+
+def test_a_stop_string_given_as_a_str_is_one_stop_string(tiny_cfg, tok):
+    p = GenerationParams(max_new_tokens=50, stop="World.", stop_token_ids=7)
+    assert p.stop == ("World.",) and p.stop_token_ids == (7,)
+    model = ScriptModel(tiny_cfg, script_rule(2, _byte_ids("Hello\n\nWorld. More")))
+    (res,) = Engine(model, tok).generate([Request([0, 70], replace(p, stop_token_ids=()))])
+    assert res.finish_reason == "stop" and res.text == "Hello\n\n"
+
+
+def test_bad_requests_are_value_errors(tiny_cfg, tok):
+    model = ScriptModel(tiny_cfg, lambda history: 40)
+    engine = Engine(model, tok, max_batch_size=2)
+    p = GenerationParams(max_new_tokens=2)
+    limit = tiny_cfg.language.max_position_embeddings
+    cases = [
+        (Request([], p), "empty prompt"),
+        (Request([0] * limit, p), f"prompt of {limit} tokens does not fit {limit} positions"),
+        (Request([0, tiny_cfg.language.vocab_size], p), r"prompt ids must be in \[0, 320\)"),
+        (Request([0, -1], p), r"prompt ids must be in \[0, 320\)"),
+        (Request([0, 40], p, images=[1], image_embeds=torch.zeros(1, 4)), "not both"),
+    ]
+    for req, why in cases:
+        with pytest.raises(ValueError, match=why):
+            engine.add_request(req)
+    with pytest.raises(ValueError, match="stop strings need an engine with a tokenizer"):
+        Engine(model).add_request(Request([0, 40], replace(p, stop=("x",))))
+    assert not engine.has_unfinished()
+
+
+def test_argument_checks_survive_python_O():
+    code = (
+        "import torch\n"
+        "from dsocr.configs import CONFIGS\n"
+        "from dsocr.engine import Engine, GenerationParams, Request\n"
+        "from dsocr.model import build_model\n"
+        "for kw in (dict(max_new_tokens=0), dict(top_p=0.0), dict(ngram_size=1)):\n"
+        "    try: GenerationParams(**kw)\n"
+        "    except ValueError: pass\n"
+        "    else: raise SystemExit(f'accepted {kw}')\n"
+        "e = Engine(build_model(CONFIGS['tiny'], seed=0))\n"
+        "for ids in ([], [0] * 3001):\n"
+        "    try: e.add_request(Request(ids))\n"
+        "    except ValueError: pass\n"
+        "    else: raise SystemExit(f'accepted a prompt of {len(ids)}')\n"
+    )
+    r = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_sampling_helpers_refuse_bad_values():
+    logits = torch.zeros(5)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        sample(logits, float("inf"), 1.0, g)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        top_p_filter(logits, 0.0)
+    with pytest.raises(ValueError, match="ngram_size must be >= 2"):
+        no_repeat_ngram_banned([1, 2, 3], 1, 10)
+    with pytest.raises(ValueError, match="loop detector needs"):
+        LoopDetector(max_period=0)
+
+
+# --------------------------------------------------------------------------- request ids
+
+
+def test_colliding_request_ids_are_refused(tiny_cfg):
+    model = ScriptModel(tiny_cfg, lambda history: 40)
+    p = GenerationParams(max_new_tokens=2)
+    engine = Engine(model, max_batch_size=2)
+    with pytest.raises(ValueError, match="request_id 0 is already waiting or running"):
+        engine.generate([Request([0, 41], p), Request([0, 42], p, request_id=0)])
+    assert not engine.has_unfinished()  # a refused batch queues nothing
+    with pytest.raises(ValueError, match="request_id 'x' is already"):
+        engine.generate([Request([0, 41], p, request_id="x"), Request([0, 42], p, request_id="x")])
+    assert not engine.has_unfinished()
+    # Ids the engine picks skip the ones in use; a finished id may be used again.
+    engine = Engine(model, max_batch_size=2)
+    out = engine.generate([Request([0, 41], p, request_id=0), Request([0, 42], p)])
+    assert [r.request_id for r in out] == [0, 1]
+    out = engine.generate([Request([0, 41], p, request_id=1), Request([0, 42], p)])
+    assert [r.request_id for r in out] == [1, 2]
+
+
+# --------------------------------------------------------------------------- abort inside generate
+
+
+def _counting_rule(history):
+    return 20 + (sum(history) * 7 + len(history)) % 200
+
+
+def test_abort_from_the_callback_returns_an_abort_result(tiny_cfg, tok):
+    model = ScriptModel(tiny_cfg, _counting_rule)
+    p = GenerationParams(max_new_tokens=8, detect_loops=False, ignore_eos=True)
+    reqs = [Request([0] + _ids(3 + i, i), p, request_id=f"r{i}") for i in range(3)]
+    alone = {r.request_id: Engine(model, tok).generate([r])[0] for r in reqs}
+    engine = Engine(model, tok, max_batch_size=2)
+    seen = {}
+
+    def on_event(ev):
+        seen.setdefault(ev.request_id, []).extend(ev.token_ids)
+        if ev.request_id == "r0" and len(seen["r0"]) == 3:
+            assert engine.abort("r0")  # running
+            assert engine.abort("r2")  # still waiting
+
+    out = engine.generate(reqs, on_event=on_event)
+    assert [r.request_id for r in out] == ["r0", "r1", "r2"]
+    r0, r1, r2 = out
+    assert r0.finish_reason == "abort" and r0.token_ids == alone["r0"].token_ids[:3]
+    assert r0.text == tok.decode(r0.token_ids) and r0.num_generated_tokens == 3
+    assert r2.finish_reason == "abort" and r2.token_ids == [] and r2.text == ""
+    assert r1.token_ids == alone["r1"].token_ids and r1.finish_reason == "length"
+    assert not engine.has_unfinished()
+    # Outside generate an abort still produces nothing, and the engine is reusable.
+    assert engine.generate([reqs[0]])[0].token_ids == alone["r0"].token_ids
+
+
+def test_reset_from_the_callback_aborts_everything(tiny_cfg):
+    model = ScriptModel(tiny_cfg, _counting_rule)
+    p = GenerationParams(max_new_tokens=8, detect_loops=False, ignore_eos=True)
+    (alone,) = Engine(model).generate([Request([0, 41], p)])
+    engine = Engine(model, max_batch_size=1)
+    out = engine.generate(
+        [Request([0, 41], p), Request([0, 42], p)], on_event=lambda ev: engine.reset()
+    )
+    assert [r.finish_reason for r in out] == ["abort", "abort"]
+    n = len(out[0].token_ids)  # what the first step made (prefill token + one decode)
+    assert 1 <= n < 8 and out[0].token_ids == alone.token_ids[:n] and out[1].token_ids == []
+    assert not engine.has_unfinished()

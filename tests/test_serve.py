@@ -183,6 +183,12 @@ def test_bad_api_key(server, client):
     _assert_ok(client)
 
 
+def test_invalid_generation_settings_are_400(server, client):
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        _chat(client, stop=[""])
+    _assert_ok(client)
+
+
 def test_malformed_json_and_fields(server, client):
     r = _post(
         server,

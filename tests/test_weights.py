@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsocr.configs import CONFIGS, config_from_json, config_to_json
+from dsocr.configs import CONFIGS, config_from_json, config_to_json, load_config
 from dsocr.weights import CheckpointError, load_checkpoint, save_checkpoint
 
 
@@ -118,3 +118,269 @@ def test_wrong_folders_give_clear_errors(tmp_path):
 def test_load_to_bfloat16(saved):
     model = load_checkpoint(saved, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- config.json checks
+
+
+def _official_config_json():
+    """The released checkpoint's config.json as the spec (§4, §8) lists it: nested sections with
+    the language fields repeated at the top level, HF keys we ignore (auto_map...), and none of
+    dsocr's own keys (no image_token_id, no dsocr_variant, no rope_theta / rms_norm_eps)."""
+    lang = {
+        "vocab_size": 129280,
+        "hidden_size": 1280,
+        "intermediate_size": 6848,
+        "moe_intermediate_size": 896,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 10,
+        "num_key_value_heads": 10,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 8192,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "kv_lora_rank": None,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 0,
+        "qk_rope_head_dim": 0,
+        "v_head_dim": 0,
+        "use_mla": False,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "lm_head": True,
+        "rm_head": False,
+        "torch_dtype": "bfloat16",
+    }
+    return {
+        "architectures": ["DeepseekOCRForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "modeling_deepseekocr.DeepseekOCRConfig",
+            "AutoModel": "modeling_deepseekocr.DeepseekOCRForCausalLM",
+        },
+        "model_type": "deepseek_vl_v2",
+        "tile_tag": "2D",
+        "global_view_pos": "head",
+        "candidate_resolutions": [[1024, 1024]],
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3",
+        "projector_config": {
+            "input_dim": 2048,
+            "n_embed": 1280,
+            "projector_type": "linear",
+            "model_type": "mlp_projector",
+        },
+        "vision_config": {
+            "image_size": 1024,
+            "mlp_ratio": 3.7362,
+            "model_name": "deeplip_b_l",
+            "model_type": "vision",
+            "width": {
+                "clip-l-14-224": {
+                    "heads": 16,
+                    "image_size": 224,
+                    "layers": 24,
+                    "patch_size": 14,
+                    "width": 1024,
+                },
+                "sam_vit_b": {
+                    "downsample_channels": [512, 1024],
+                    "global_attn_indexes": [2, 5, 8, 11],
+                    "heads": 12,
+                    "layers": 12,
+                    "width": 768,
+                },
+            },
+        },
+        "language_config": {
+            "architectures": ["DeepseekV2ForCausalLM"],
+            "auto_map": {"AutoConfig": "configuration_deepseekv2.DeepseekV2Config"},
+            **lang,
+        },
+        **lang,
+    }
+
+
+def test_the_official_config_json_is_accepted_as_the_official_model():
+    assert config_from_json(_official_config_json()) == CONFIGS["deepseek-ocr"]
+
+
+def test_every_variant_save_checkpoint_writes_is_accepted():
+    for name, cfg in CONFIGS.items():
+        assert config_from_json(config_to_json(cfg)) == cfg, name
+
+
+def test_the_bundled_model_config_is_accepted():
+    from dsocr.api import ASSETS
+
+    folder = ASSETS / "dsocr-mini"
+    if not (folder / "config.json").is_file():
+        pytest.skip("dsocr-mini weights are not bundled")
+    assert load_config(folder).name == "mini-cpu"
+
+
+def _both(key, value):
+    """Set a language field in both copies (top level and language_config), as a file would."""
+
+    def edit(d):
+        d[key] = value
+        d["language_config"][key] = value
+
+    return edit
+
+
+def _sam(key, value):
+    return lambda d: d["vision_config"]["width"]["sam_vit_b"].__setitem__(key, value)
+
+
+BAD_CONFIGS = {
+    # name: (edit of the tiny config.json dict, or the whole file's text; what the error names)
+    "list": ("[1, 2]", "top level: must be a JSON object, got a list"),
+    "null": ("null", "top level: must be a JSON object, got null"),
+    "empty-object": ("{}", "model_type: missing"),
+    "vision-str": (lambda d: d.__setitem__("vision_config", "x"), "vision_config: must be a"),
+    "lang-list": (lambda d: d.__setitem__("language_config", [1]), "language_config: must be a"),
+    "llama": (lambda d: d.__setitem__("model_type", "llama"), "model_type: 'llama' is not"),
+    "arch": (
+        lambda d: d.__setitem__("architectures", ["LlamaForCausalLM"]),
+        "architectures: ['LlamaForCausalLM'] is not",
+    ),
+    "lang-arch": (
+        lambda d: d["language_config"].__setitem__("architectures", ["X"]),
+        "language_config.architectures",
+    ),
+    "mla": (_both("use_mla", True), "use_mla"),
+    "missing-hidden": (
+        lambda d: (d.pop("hidden_size"), d["language_config"].pop("hidden_size")),
+        "hidden_size: missing",
+    ),
+    "missing-sam-layers": (
+        lambda d: d["vision_config"]["width"]["sam_vit_b"].pop("layers"),
+        "vision_config.width.sam_vit_b.layers: missing",
+    ),
+    "heads0": (_both("num_attention_heads", 0), "num_attention_heads: must be > 0, got 0"),
+    "heads3": (_both("num_attention_heads", 3), "num_attention_heads: 3 does not divide"),
+    "kv-heads": (_both("num_key_value_heads", 2), "num_key_value_heads: 2 != num_attention"),
+    "vocab-str": (_both("vocab_size", "320"), "vocab_size: must be an integer, got '320'"),
+    "hidden-str": (_both("hidden_size", "big"), "hidden_size: must be an integer, got 'big'"),
+    "layers-float": (_both("num_hidden_layers", 3.0), "num_hidden_layers: must be an integer"),
+    "layers-neg": (_both("num_hidden_layers", -1), "num_hidden_layers: must be > 0, got -1"),
+    "bool-int": (_both("n_routed_experts", True), "n_routed_experts: must be an integer"),
+    "topk": (_both("num_experts_per_tok", 9), "num_experts_per_tok: 9 > n_routed_experts 4"),
+    "maxpos0": (_both("max_position_embeddings", 0), "max_position_embeddings: must be > 0"),
+    "eps-nan": ('"rms_norm_eps": NaN', "rms_norm_eps: must be a finite number"),
+    "eos": (_both("eos_token_id", 99999), "eos_token_id: 99999 is outside the vocabulary"),
+    "image-id": (lambda d: d.__setitem__("image_token_id", -1), "image_token_id: -1 is outside"),
+    "sam-heads": (_sam("heads", 5), "vision_config.width.sam_vit_b.heads: 5 does not divide"),
+    "sam-global": (_sam("global_attn_indexes", [7]), "global_attn_indexes: [7] not among"),
+    "sam-list": (_sam("downsample_channels", "24,32"), "downsample_channels: must be a list"),
+    "clip-width": (
+        _sam("downsample_channels", [24, 48]),
+        "clip-l-14-224.width: 32 != SAM's output width 48",
+    ),
+    "projector": (
+        lambda d: d["projector_config"].__setitem__("n_embed", 7),
+        "projector_config.n_embed: 7 != 64",
+    ),
+    "variant-int": (lambda d: d.__setitem__("dsocr_variant", 3), "dsocr_variant: must be a string"),
+}
+
+
+def _write_config(folder, edit):
+    d = config_to_json(CONFIGS["tiny"])
+    if isinstance(edit, str) and edit.startswith('"'):  # one raw '"key": value' (e.g. NaN)
+        key = edit.split('"')[1]
+        d.pop(key), d["language_config"].pop(key)
+        text = json.dumps(d)[:-1] + ", " + edit + "}"
+    elif isinstance(edit, str):  # the whole file
+        text = edit
+    else:
+        edit(d)
+        text = json.dumps(d)
+    (folder / "config.json").write_text(text)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_json_is_a_one_line_error_naming_the_file_and_key(saved, case):
+    edit, why = BAD_CONFIGS[case]
+    _write_config(saved, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_config(saved)
+    msg = str(e.value)
+    assert msg.startswith(f"{saved / 'config.json'}: ") and why in msg, msg
+    assert "\n" not in msg
+
+
+def test_cli_info_reports_a_bad_config_in_one_line_and_rc_2(saved, capsys):
+    from dsocr.cli import main
+
+    _write_config(saved, _both("num_experts_per_tok", 9))
+    assert main(["info", "--model", str(saved)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"dsocr: error: {saved / 'config.json'}: num_experts_per_tok: 9 > n_routed_experts 4"
+    ]
+
+
+def test_config_json_that_is_not_utf8_json_or_a_file(saved):
+    (saved / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(CheckpointError, match="unreadable config.json"):
+        load_config(saved)
+    (saved / "config.json").unlink()
+    (saved / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"config.json: is a folder, not a file"):
+        load_checkpoint(saved)
+
+
+def test_a_file_given_as_the_folder_says_so(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_text("x")
+    with pytest.raises(CheckpointError, match=r"model.bin: is a file, not a checkpoint folder"):
+        load_checkpoint(f)
+
+
+def test_a_folder_named_model_safetensors_says_so(saved):
+    (saved / "model.safetensors").unlink()
+    (saved / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"model.safetensors: is a folder, not a safetensors"):
+        load_checkpoint(saved)
+
+
+# --------------------------------------------------------------------------- index and tensors
+
+
+@pytest.fixture()
+def sharded(tiny_model, tmp_path):
+    return save_checkpoint(tiny_model, tmp_path / "sharded", max_shard_bytes=200_000)
+
+
+@pytest.mark.parametrize(
+    "index,why",
+    [
+        ('{"weight_map": [1]}', '"weight_map" must be a non-empty object'),
+        ("[]", 'no "weight_map" object'),
+        ('{"weight_map": {}}', '"weight_map" must be a non-empty object'),
+        ('{"weight_map": {"a": 3}}', "weight_map['a'] is not a file name: 3"),
+        ('{"weight_map": {"a": "../good/model.safetensors"}}', "points outside the checkpoint"),
+        ('{"weight_map": {"a": "/etc/passwd"}}', "points outside the checkpoint"),
+        ('{"weight_map": {"a": ".."}}', "points outside the checkpoint"),
+    ],
+)
+def test_a_bad_index_is_a_one_line_error(sharded, index, why):
+    path = sharded / "model.safetensors.index.json"
+    path.write_text(index)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(sharded)
+    assert str(e.value).startswith(f"{path}: ") and why in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_a_non_float_tensor_is_refused_by_name(saved, dtype):
+    key = "lm_head.weight"
+    _edit(saved, lambda sd: sd.__setitem__(key, torch.zeros(sd[key].shape, dtype=dtype)))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"non-float tensor\(s\): {key}: {name}"):
+        load_checkpoint(saved)

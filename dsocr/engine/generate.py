@@ -26,6 +26,8 @@ Legend: B active slots, T prompt tokens (padded), V vocab, C hidden.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -45,7 +47,8 @@ from dsocr.engine.sampling import (
 from dsocr.language import fewrow
 from dsocr.language.decoder import decode_threads
 
-FINISH_REASONS = ("eos", "length", "stop", "loop")
+# "abort": the request was aborted (``Engine.abort`` / ``reset``) while ``Engine.generate`` ran it.
+FINISH_REASONS = ("eos", "length", "stop", "loop", "abort")
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -65,6 +68,11 @@ class GenerationParams:
     The official vLLM runs use ``ngram_size=30, ngram_window=90`` (single image), ``20/50`` (PDF),
     ``40/90`` (OmniDocBench), whitelist ``<td>``, ``</td>`` (spec §6). ``ngram_whitelist=None``
     whitelists nothing; for dsocr's own tokenizers use ``sampling.ngram_whitelist_for(tok)``.
+
+    Checked on construction (ValueError naming the field): ``max_new_tokens >= 1``, a finite
+    ``temperature``, ``top_p`` in (0, 1], ``ngram_size`` None or >= 2, ``ngram_window >= 1``,
+    loop settings in range. ``stop`` may be one string (wrapped into a tuple); empty stop strings
+    are refused (they would match at once). Sequences become tuples.
     """
 
     max_new_tokens: int = 256
@@ -84,9 +92,47 @@ class GenerationParams:
     loop_min_tokens: int = 200  # and at least this many tokens of repetition
 
     def __post_init__(self):
-        assert self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
-        assert 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"
-        assert self.ngram_size is None or self.ngram_size >= 2, self.ngram_size
+        def integer(name, lo, allow_none=False):  # numpy / torch integers become ints
+            v = getattr(self, name)
+            if allow_none and v is None:
+                return
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            object.__setattr__(self, name, int(v))
+
+        def number(name):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+        integer("max_new_tokens", 1)
+        number("temperature")
+        number("top_p")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool)
+        ):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        integer("ngram_size", 2, allow_none=True)
+        integer("ngram_window", 1)
+        integer("loop_max_period", 1)
+        integer("loop_min_repeats", 2)
+        integer("loop_min_tokens", 0)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = (
+            (self.stop_token_ids,)
+            if isinstance(self.stop_token_ids, numbers.Integral)
+            else tuple(self.stop_token_ids)
+        )
+        if any(not isinstance(i, numbers.Integral) or isinstance(i, bool) or i < 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        if self.ngram_whitelist is not None:
+            object.__setattr__(self, "ngram_whitelist", frozenset(self.ngram_whitelist))
 
 
 @dataclass
@@ -240,6 +286,8 @@ class Engine:
         self.active: list[_Sequence] = []  # active[i] lives in cache row i
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._live: set[Hashable] = set()  # ids of the waiting and active requests
+        self._aborted: dict[Hashable, Result] | None = None  # collected while generate() runs
         self._decode = self._decode_forward
         if compile_decode:
             options = compile_options if compile_options is not None else {"dynamic": True}
@@ -252,47 +300,77 @@ class Engine:
         return self.model.encode_images(list(images))
 
     def add_request(self, request: Request | Sequence[int]) -> Hashable:
-        """Queue a request (or bare prompt ids with default params); returns its id."""
+        """Queue a request (or bare prompt ids with default params); returns its id.
+
+        Raises ValueError for a request that cannot run: an empty prompt, ids outside the
+        vocabulary, a prompt that leaves no position to generate into, both ``images`` and
+        ``image_embeds``, stop strings without a tokenizer, or a ``request_id`` already waiting or
+        running in this engine (ids given by the engine skip the ones in use).
+        """
         if not isinstance(request, Request):
             request = Request(list(request))
         params = request.params
-        assert len(request.prompt_ids) > 0, "empty prompt"
-        assert request.images is None or request.image_embeds is None, (
-            "give a request images or image_embeds, not both"
-        )
-        assert not params.stop or self.tokenizer is not None, "stop strings need a tokenizer"
-        rid = request.request_id if request.request_id is not None else next(self._ids)
-        seq = _Sequence(request, rid, time.perf_counter(), self.tokenizer, self.model.device)
+        if not isinstance(params, GenerationParams):
+            raise ValueError(f"params must be GenerationParams, got {type(params).__name__}")
         n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("empty prompt: give at least one token id (BOS)")
+        vocab = self.model.config.language.vocab_size
+        lo, hi = min(request.prompt_ids), max(request.prompt_ids)
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"prompt ids must be in [0, {vocab}), got {lo if lo < 0 else hi}")
+        if request.images is not None and request.image_embeds is not None:
+            raise ValueError("give a request images or image_embeds, not both")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
         limit = min(self.max_positions, self.fixed_seq_len or self.max_positions)
-        assert n < limit, f"prompt of {n} tokens does not fit {limit} positions"
+        if n >= limit:
+            raise ValueError(f"prompt of {n} tokens does not fit {limit} positions")
+        rid = request.request_id
+        if rid is None:
+            rid = next(self._ids)
+            while rid in self._live:
+                rid = next(self._ids)
+        elif rid in self._live:
+            raise ValueError(f"request_id {rid!r} is already waiting or running in this engine")
+        seq = _Sequence(request, rid, time.perf_counter(), self.tokenizer, self.model.device)
         # The last token is never fed back, so n + max_new - 1 positions are used.
         seq.max_new = min(params.max_new_tokens, limit - n + 1)
         self.waiting.append(seq)
+        self._live.add(rid)
         return rid
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.active)
 
     def abort(self, request_id: Hashable) -> bool:
-        """Drop one request, waiting or running (its slot is freed now; no result is produced).
-        Returns whether it was found."""
+        """Drop one request, waiting or running; its slot is freed now. Returns whether it was
+        found. ``step`` / ``stream`` produce no event or result for it afterwards; inside
+        ``generate`` (say from ``on_event``) it comes back as a ``Result`` with
+        ``finish_reason="abort"`` and the ids generated so far."""
         for s in self.waiting:
             if s.request_id == request_id:
                 self.waiting.remove(s)
+                self._dropped(s)
                 return True
         for s in self.active:
             if s.request_id == request_id:
                 self._retire(s)
+                self._dropped(s)
                 return True
         return False
 
     def reset(self) -> None:
-        """Drop every waiting and running request (e.g. after an interrupted run)."""
+        """Drop every waiting and running request (e.g. after an interrupted run); inside
+        ``generate`` they come back as aborted, as with :meth:`abort`."""
+        dropped = [*self.waiting, *self.active]
         self.waiting.clear()
         for s in self.active:
             s.slot = -1
         self.active.clear()
+        self._live.clear()
+        for s in dropped:
+            self._dropped(s)
 
     @torch.no_grad()
     def step(self) -> list[StreamEvent]:
@@ -317,16 +395,33 @@ class Engine:
         requests: Iterable[Request | Sequence[int]],
         on_event: Callable[[StreamEvent], None] | None = None,
     ) -> list[Result]:
-        """Run ``requests`` to completion; results in request order. ``on_event`` sees every event
-        (the streaming callback)."""
-        ids = [self.add_request(r) for r in requests]
-        results = {}
-        for ev in self.stream():
-            if on_event is not None:
-                on_event(ev)
-            if ev.result is not None:
-                results[ev.request_id] = ev.result
-        return [results[i] for i in ids]
+        """Run ``requests`` to completion; one result per request, in request order.
+        ``on_event`` sees every event (the streaming callback).
+
+        A request aborted meanwhile (``abort`` from ``on_event``, or ``reset``) gets a ``Result``
+        with ``finish_reason="abort"``: the ids generated before the abort, their text, no final
+        event. Requests must have distinct ids (ValueError); if one is refused, none is queued.
+        """
+        ids: list[Hashable] = []
+        try:
+            for r in requests:
+                ids.append(self.add_request(r))
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        results: dict[Hashable, Result] = {}
+        outer, self._aborted = self._aborted, {}
+        try:
+            for ev in self.stream():
+                if on_event is not None:
+                    on_event(ev)
+                if ev.result is not None:
+                    results[ev.request_id] = ev.result
+            aborted = self._aborted
+        finally:
+            self._aborted = outer
+        return [results[i] if i in results else aborted[i] for i in ids]
 
     # ---------------------------------------------------------------- prefill
     def _take_newcomers(self) -> list[_Sequence]:
@@ -534,6 +629,23 @@ class Engine:
             last.slot = s.slot
         self.active.pop()
         s.slot = -1
+        self._live.discard(s.request_id)
+
+    def _dropped(self, s: _Sequence) -> None:
+        """Bookkeeping for an aborted request: its id is free again, and a ``generate`` call in
+        progress gets an "abort" result for it."""
+        self._live.discard(s.request_id)
+        if self._aborted is None:
+            return
+        now = time.perf_counter()
+        if s.finish_reason is None:
+            s.finish_reason, s.t_end = "abort", now
+        if not s.t_admit:  # never admitted: no prefill, no first token
+            s.t_admit = s.t_first = now
+        if s.detok is not None and s.final_len is None:
+            s.detok.flush()
+            s.final_len = len(s.detok.text)
+        self._aborted[s.request_id] = self._result(s)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ Legend: B batch rows, V vocab.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -57,7 +58,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     if top_p >= 1.0:
         return logits
-    assert 0.0 < top_p, f"top_p must be in (0, 1], got {top_p}"
+    if not top_p > 0.0:  # also NaN
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     # mass strictly before each token; a token is kept while that mass is below top_p
@@ -75,6 +77,8 @@ def sample(
     logits (V,) or (B, V) -> ids () or (B,). ``temperature <= 0`` is greedy (no draw, generator
     untouched). All rows use the same generator; the engine calls this once per request row.
     """
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature}")
     if temperature <= 0.0:
         return greedy(logits)
     scaled = top_p_filter(logits.float() / temperature, top_p)
@@ -99,7 +103,8 @@ def no_repeat_ngram_banned(
 
     Scans n-gram starts i in [max(0, L - window), L - n]; see the module docstring.
     """
-    assert ngram_size >= 2, f"ngram_size must be >= 2, got {ngram_size}"
+    if ngram_size < 2:
+        raise ValueError(f"ngram_size must be >= 2, got {ngram_size}")
     L, n = len(generated), ngram_size
     if L < n:
         return set()
@@ -150,7 +155,11 @@ class LoopDetector:
     """
 
     def __init__(self, max_period: int = 128, min_repeats: int = 10, min_tokens: int = 200):
-        assert max_period >= 1 and min_repeats >= 2, (max_period, min_repeats)
+        if max_period < 1 or min_repeats < 2:
+            raise ValueError(
+                f"loop detector needs max_period >= 1 and min_repeats >= 2, got "
+                f"{max_period} and {min_repeats}"
+            )
         self.max_period, self.min_repeats, self.min_tokens = max_period, min_repeats, min_tokens
         self.tokens: list[int] = []
         self.run = [0] * (max_period + 1)  # run[k]: trailing positions j with t[j] == t[j - k]

@@ -680,8 +680,16 @@ def create_app(
             )
         limit = body.max_tokens or body.max_completion_tokens or max_new_tokens
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        params = GenerationParams(
-            max_new_tokens=min(limit, max_new_tokens),
+        try:
+            params = gen_params(body, min(limit, max_new_tokens), stop)
+        except ValueError as e:  # e.g. an empty stop string, a non-finite temperature
+            raise APIError(400, str(e), code="invalid_params") from None
+        request = Request(ids, params, images=inputs or None)
+        return _Prepared(request, len(images))
+
+    def gen_params(body: ChatRequest, limit: int, stop: tuple[str, ...]) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=limit,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
@@ -691,8 +699,6 @@ def create_app(
             ngram_window=ngram[1],
             ngram_whitelist=whitelist,
         )
-        request = Request(ids, params, images=inputs or None)
-        return _Prepared(request, len(images))
 
     async def parse_chat(request: HTTPRequest) -> ChatRequest:
         raw = await read_body(request, 2 * max_upload_bytes + 2**20)
@@ -746,6 +752,8 @@ def create_app(
                 break
             except TimeoutError:
                 continue
+        if isinstance(ev, ValueError):  # the engine refused the request itself
+            raise APIError(400, str(ev), code="invalid_request")
         if isinstance(ev, Exception):
             raise APIError(
                 500, f"generation failed: {type(ev).__name__}: {ev}", "server_error", "engine_error"
