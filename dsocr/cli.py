@@ -486,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="OCR accuracy and speed against peers (Tesseract, RapidOCR)")
     _eval_run().add_arguments(e)
     e.set_defaults(
-        func=lambda a: _eval_run().run_from_args(a, "dsocr eval " + " ".join(sys.argv[2:]))
+        func=lambda a: _eval_run().run_from_args(
+            a, _eval_run().command_line("dsocr eval", sys.argv[2:])
+        )
     )
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (pip install dsocr[serve])")

@@ -8,6 +8,7 @@ pip install tesserocr).
 
 import json
 import math
+import shlex
 
 import pytest
 from PIL import Image
@@ -68,7 +69,7 @@ def test_manifest_roundtrip_and_checksum(page_set):
     pages = load_pages(page_set)
     assert len(pages) == 3 and all(p.dataset == "rendered-test" for p in pages)
     rows = [json.loads(x) for x in (page_set / "manifest.jsonl").read_text().splitlines()]
-    assert set(rows[0]) == {"id", "image", "text", "source", "sha256"}
+    assert set(rows[0]) == {"id", "image", "text", "source", "sha256", "text_sha256"}
     assert {p.source for p in pages} == {s for s, _ in TEXTS}
     assert all(p.sha256 == sha256_file(p.image_path) for p in pages)
     assert len(load_pages(page_set, limit=2)) == 2
@@ -183,6 +184,7 @@ def test_standing_lines_per_mode():
         row("rapidocr", "", 0.03),
     ]
     tiny, large = standing_lines(rows)
+    assert "; not run" not in tiny + large
     assert "in tiny (64 vision tokens, within 256 vision tokens)" in tiny
     assert "tesseract 0.0200 (dsocr worse), rapidocr 0.0300 (dsocr worse)" in tiny
     assert "does not beat every peer" in tiny
@@ -206,12 +208,452 @@ def test_main_writes_report_and_json(page_set, tmp_path, capsys):
     ]
     assert main(args) == 0
     assert "| dsocr:tiny | tiny | " in out.read_text()
-    (row,) = json.loads((tmp_path / "r.json").read_text())
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert row["pages"] == 1 and len(row["per_page"]) == 1
     assert row["mode"] == "tiny" and row["vision_tokens"] == row["per_page"][0]["vision_tokens"]
     args[args.index("--mode") + 1] = "tiny,small"
     assert main(args) == 0
-    rows = json.loads((tmp_path / "r.json").read_text())
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["tiny", "small"]
     assert rows[0]["vision_tokens"] < rows[1]["vision_tokens"]
-    assert main(["--dataset", str(page_set)]) == 2
+    assert main(["--dataset", str(page_set), "--model", "none"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests: checksums of image and ground truth, one-line errors naming file and line
+
+
+def _rows(folder):
+    return [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def _write_rows(folder, rows, raw_line2=None):
+    lines = [json.dumps(r) for r in rows]
+    if raw_line2 is not None:
+        lines.insert(1, raw_line2)
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _small_set(folder, n=2):
+    items = [(f"p{i}", Image.new("RGB", (8, 8), "white"), f"text {i}", "s") for i in range(n)]
+    write_set(folder, items)
+    return folder
+
+
+def test_changed_ground_truth_is_an_error(tmp_path):
+    rows = _rows(_small_set(tmp_path / "set"))
+    rows[1]["text"] = "another text"
+    _write_rows(tmp_path / "set", rows)
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: ground-truth text differs"):
+        load_pages(tmp_path / "set")
+
+
+def test_bad_manifests_are_one_line_errors_naming_file_and_line(tmp_path):
+    folder = _small_set(tmp_path / "set")
+    rows = _rows(folder)
+    _write_rows(folder, rows, raw_line2="{bad json")
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: bad JSON"):
+        load_pages(folder)
+    no_sha = [dict(rows[0]), rows[1]]
+    del no_sha[0]["sha256"]
+    _write_rows(folder, no_sha)
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:1: missing .*sha256"):
+        load_pages(folder)
+    _write_rows(folder, [rows[0], rows[0]])
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: duplicate page id 'p0'"):
+        load_pages(folder)
+    # a file that is no image, with a matching checksum
+    (folder / "images" / "p1.png").write_bytes(b"not an image")
+    rows[1]["sha256"] = sha256_file(folder / "images" / "p1.png")
+    _write_rows(folder, rows)
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: .*not a readable image"):
+        load_pages(folder)
+    (folder / "manifest.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no pages"):
+        load_pages(folder)
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_below_one_is_refused(page_set, limit):
+    with pytest.raises(ValueError, match="limit"):
+        load_pages(page_set, limit=limit)
+
+
+def test_write_set_replaces_an_earlier_larger_set(tmp_path):
+    _small_set(tmp_path / "set", n=3)
+    _small_set(tmp_path / "set", n=1)
+    assert sorted(p.name for p in (tmp_path / "set" / "images").iterdir()) == ["p0.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no temporary folders left
+    assert len(load_pages(tmp_path / "set")) == 1
+
+
+def test_datasets_with_the_same_name_are_refused(tmp_path):
+    from dsocr.eval.datasets import load_datasets
+
+    a = _small_set(tmp_path / "a" / "rendered-en")
+    b = _small_set(tmp_path / "b" / "rendered-en")
+    with pytest.raises(ValueError, match="two datasets are named 'rendered-en'"):
+        load_datasets([a, b])
+    assert len(load_datasets([a, _small_set(tmp_path / "other")])) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out PDF pages: overlap of text-layer lines with the corpus splits
+
+
+def lines_pdf(path, pages: list[list[str]]):
+    """A minimal hand-written PDF, one Letter page per list of lines (Helvetica 10 pt)."""
+    n = len(pages)
+    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(n))
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    for i, lines in enumerate(pages):
+        body = " T* ".join(f"({x}) Tj" for x in lines)
+        stream = f"BT /F1 10 Tf 14 TL 72 740 Td {body} ET".encode()
+        objs.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {5 + 2 * i} 0 R "
+            f"/Resources << /Font << /F1 3 0 R >> >> >>".encode()
+        )
+        objs.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for k, body in enumerate(objs, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % k + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path
+
+
+def _sentence(tag, k):
+    return f"{tag} sentence number {k} says something long enough"
+
+
+@pytest.fixture
+def overlap_pdf(tmp_path):
+    """Pages 1-6: train text, held-out text (x3, one with one train line), mixed, unknown text;
+    a corpus folder whose train/heldout rows hold those sentences in other line breaks."""
+    pytest.importorskip("pypdfium2")
+    train = [_sentence("Trained", k) for k in range(12)]
+    held = [_sentence("Heldout", k) for k in range(20)]
+    pages = [
+        train[0:4],  # 1: train
+        held[0:4],  # 2: held-out
+        held[4:8] + ["short line"],  # 3: held-out; the short line is not measured
+        held[8:11] + train[4:5],  # 4: held-out but one train line
+        held[11:13] + train[5:9],  # 5: mixed -> not held-out
+        [_sentence("Nowhere", k) for k in range(4)],  # 6: in neither split
+        held[13:17],  # 7: held-out
+    ]
+    pdf = lines_pdf(tmp_path / "doc.pdf", pages)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # the corpus wraps lines differently and adds spaces: matching is whitespace-normalised
+    (corpus / "train.jsonl").write_text(
+        json.dumps({"text": "intro\n" + "  ".join(train) + "\nend", "lang": "en"}) + "\n"
+    )
+    (corpus / "heldout.jsonl").write_text(
+        "".join(
+            json.dumps({"text": "\n".join(held[i : i + 5]), "lang": "en"}) + "\n"
+            for i in range(0, 20, 5)
+        )
+    )
+    return pdf, corpus
+
+
+def test_pdf_line_overlap_counts_train_and_heldout_lines(overlap_pdf):
+    from dsocr.eval.datasets import pdf_line_overlap
+
+    pdf, corpus = overlap_pdf
+    got = [(o.page, o.lines, o.train, o.heldout) for o in pdf_line_overlap(pdf, corpus)]
+    assert got == [
+        (1, 4, 4, 0),
+        (2, 4, 0, 4),
+        (3, 4, 0, 4),
+        (4, 4, 1, 3),
+        (5, 6, 4, 2),
+        (6, 4, 0, 0),
+        (7, 4, 0, 4),
+    ]
+    assert [o.page for o in pdf_line_overlap(pdf, corpus, pages=[4, 2])] == [2, 4]
+    with pytest.raises(ValueError, match="1-based"):
+        pdf_line_overlap(pdf, corpus, pages=[0])
+    with pytest.raises(ValueError, match="has 7 pages"):
+        pdf_line_overlap(pdf, corpus, pages=[99])
+
+
+def test_select_heldout_pages_is_deterministic_and_spread(overlap_pdf):
+    from dsocr.eval.datasets import select_heldout_pages
+
+    pdf, corpus = overlap_pdf
+    # zero-train pages first: 2, 3, 7 (page 4 has one train line)
+    assert [o.page for o in select_heldout_pages(pdf, corpus, n=2)] == [2, 7]
+    assert [o.page for o in select_heldout_pages(pdf, corpus, n=3)] == [2, 3, 7]
+    # not enough zero-train pages: page 4 (one train line) joins
+    assert [o.page for o in select_heldout_pages(pdf, corpus, n=10)] == [2, 3, 4, 7]
+    assert [o.page for o in select_heldout_pages(pdf, corpus, n=4, max_train=0)] == [2, 3, 7]
+
+
+def test_build_pdf_set_records_overlap_and_refuses_train_pages(overlap_pdf, tmp_path):
+    from dsocr.eval.datasets import build_pdf_set
+
+    pdf, corpus = overlap_pdf
+    out = tmp_path / "pdf-test"
+    build_pdf_set(out, pdf, corpus=corpus, n_pages=3, dpi=20, prefix="t", lang="en")
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == ["t-p0002", "t-p0003", "t-p0007"]
+    assert [r["train_overlap"] for r in rows] == [0, 0, 0]
+    assert rows[0]["heldout_overlap"] == 4 and rows[0]["overlap_lines"] == 4
+    assert rows[0]["lang"] == "en" and "Heldout sentence number 0" in rows[0]["text"]
+    pages = load_pages(out)
+    assert pages[0].lang == "en" and pages[0].source.endswith("doc.pdf#2")
+    # explicit pages that are in the training text: refused, unless forced (then warned, recorded)
+    with pytest.raises(ValueError, match=r"training corpus: 1 \(4/4 lines\), 5 \(4/6 lines\)"):
+        build_pdf_set(out, pdf, pages=(1, 2, 5), corpus=corpus, dpi=20)
+    assert len(load_pages(out)) == 3  # the earlier set is untouched
+    with pytest.warns(UserWarning, match="recorded as train_overlap"):
+        build_pdf_set(out, pdf, pages=(1, 2), corpus=corpus, dpi=20, allow_overlap=True)
+    assert [r["train_overlap"] for r in _rows(out)] == [4, 0]
+
+
+def test_build_script_validates_pages_and_fails_when_nothing_is_built(overlap_pdf, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pdf, corpus = overlap_pdf
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_eval_sets.py"
+
+    def run(*args):
+        cmd = [sys.executable, str(script), "--out", str(tmp_path / "out"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    one = ["--sets", "pdf-debref-en", "--pdf", str(pdf), "--corpus-dir", str(corpus)]
+    for pages, msg in [("0", "1-based"), ("99", "has 7 pages"), ("x", "not a page number")]:
+        r = run(*one, "--pdf-pages", pages)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = run("--sets", "pdf-debref-en,pdf-debref-de", "--pdf", str(pdf))
+    assert r.returncode == 2 and "one PDF set" in r.stderr
+    r = run(*one[:4], "--corpus-dir", str(tmp_path / "nocorpus"))
+    assert r.returncode == 1 and "no corpus" in r.stderr and "Traceback" not in r.stderr
+    r = run("--sets", "pdf-debref-en", "--pdf", str(tmp_path / "absent.pdf"))
+    assert r.returncode == 1 and "nothing was built" in r.stderr
+    r = run(*one, "--pdf-n", "2")
+    assert r.returncode == 0, r.stderr
+    assert [x["id"] for x in _rows(tmp_path / "out" / "pdf-debref-en")] == [
+        "debref-en-p0002",
+        "debref-en-p0007",
+    ]
+    r = run(*one, "--pdf-pages", "1,2")
+    assert r.returncode == 0 and "warning:" in r.stderr and "training corpus" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Tesseract languages
+
+
+def test_tesseract_language_follows_the_set_and_missing_packs_say_what_to_install(
+    tmp_path, monkeypatch
+):
+    from dsocr.eval import peers
+
+    (tmp_path / "eng.traineddata").write_bytes(b"")
+    monkeypatch.setattr(peers, "_tessdata_dirs", lambda: [str(tmp_path)])
+    assert peers.tesseract_lang("de") == "deu+eng" and peers.tesseract_lang("xx") == "eng"
+    assert peers.tesseract_lang("zh-cn") == "chi_sim+eng" and peers.tesseract_lang("") == "eng"
+    path, why = peers._find_tessdata("deu+eng")
+    assert path is None and "deu.traineddata" in why and "tesseract-ocr-deu" in why
+    assert "eng.traineddata" not in why and "\n" not in why
+    assert peers._find_tessdata("chi_sim")[1].endswith("tesseract-ocr-chi-sim")
+    assert peers._find_tessdata("eng") == (str(tmp_path), "")
+    t = peers.TesseractPeer()
+    pytest.importorskip("tesserocr")
+    ok, why = t.use_language("fr")
+    assert not ok and t.current_lang == "fra+eng" and "tesseract-ocr-fra" in why
+    fixed = peers.TesseractPeer(lang="jpn")
+    fixed.use_language("de")
+    assert fixed.current_lang == "jpn"
+    with pytest.raises(ValueError, match="bad Tesseract language"):
+        make_peers("tesseract", tesseract_lang="eng;rm")
+
+
+def test_peer_without_the_sets_language_is_skipped_for_that_set_only(tmp_path):
+    write_set(tmp_path / "en", [("a", Image.new("RGB", (8, 8)), "x", "s")], lang="en")
+    write_set(tmp_path / "de", [("a", Image.new("RGB", (8, 8)), "x", "s")], lang="de")
+
+    class OnlyEnglish:
+        name = "only-en"
+
+        def available(self):
+            return True, ""
+
+        def use_language(self, lang):
+            return (lang == "en", "" if lang == "en" else f"no pack for {lang}")
+
+        def ocr(self, image):
+            return "x"
+
+    pages = load_pages(tmp_path / "en") + load_pages(tmp_path / "de")
+    en, de = evaluate([OnlyEnglish()], pages)
+    assert en.pages == 1 and en.cer == 0 and not en.skipped
+    assert de.skipped == "no pack for de" and de.pages == 0
+
+
+# --------------------------------------------------------------------------------------------
+# dsocr eval: options checked before the model loads, outputs, standing, exit codes
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import dsocr.api
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(dsocr.api, "load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--mode", "huge"], "unknown mode 'huge'"),
+        (["--mode", "tiny,huge"], "unknown mode 'huge'"),
+        (["--mode", "tiny,tiny"], "named twice"),
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--limit", "-1"], "--limit must be at least 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--peers", "tesseract,nope"], "unknown peer"),
+        (["--tesseract-lang", "deu"], "needs --peers tesseract"),
+        (["--model", "/no/such/model"], "/no/such/model"),
+        (["--model", "none"], "nothing to run"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_the_model_loads(
+    page_set, tmp_path, capsys, no_model_load, extra, msg
+):
+    from dsocr.cli import main
+
+    args = ["eval", "--dataset", str(page_set), "--model", "tiny", "-o", str(tmp_path / "r.md")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_bad_dataset_fails_in_one_line_before_the_model_loads(tmp_path, capsys, no_model_load):
+    from dsocr.cli import main
+
+    folder = _small_set(tmp_path / "set")
+    (folder / "manifest.jsonl").write_text('{"id": "a"}\n')
+    assert main(["eval", "--dataset", str(folder), "--model", "tiny"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "manifest.jsonl:1: missing" in err
+
+
+def test_default_model_is_dsocr_mini():
+    from dsocr.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--dataset", "x"])
+    assert args.model == "dsocr-mini" and args.mode is None
+
+
+def test_json_is_written_atomically_with_the_reports_run_info(page_set, tmp_path, monkeypatch):
+    import sys
+
+    from dsocr.cli import main
+
+    prompt = "<image>\nFree `OCR`."
+    argv = ["eval", "--dataset", str(page_set), "--model", "tiny", "--mode", "tiny"]
+    argv += ["--max-new-tokens", "2", "--limit", "1", "--prompt", prompt]
+    argv += ["-o", str(tmp_path / "a" / "r.md"), "--json", str(tmp_path / "new" / "dir" / "r.json")]
+    monkeypatch.setattr(sys, "argv", ["dsocr", *argv])
+    assert main(argv) == 0
+    md = (tmp_path / "a" / "r.md").read_text()
+    doc = json.loads((tmp_path / "new" / "dir" / "r.json").read_text())
+    for key in ("machine", "date"):
+        assert f"- {key.capitalize()}: {doc[key]}" in md
+    assert doc["rows"][0]["pages"] == 1
+    # the command is shell-quoted, and the report shows it in a fence that keeps the newline
+    assert shlex.split(doc["command"]) == ["dsocr", *argv]
+    fence = md.split("- Command:\n\n", 1)[1]
+    assert fence.startswith("```sh\n") and "`OCR`" in fence
+    block = fence.split("\n```\n", 1)[0].removeprefix("```sh\n")
+    assert shlex.split(block) == ["dsocr", *argv]
+    # nothing temporary left beside the outputs
+    assert sorted(p.name for p in (tmp_path / "new" / "dir").iterdir()) == ["r.json"]
+    assert all(not p.name.startswith(".") for p in (tmp_path / "a").iterdir())
+
+
+def test_unavailable_requested_peer_gives_exit_3_and_is_named(
+    page_set, tmp_path, monkeypatch, capsys
+):
+    from dsocr.eval import peers
+    from dsocr.eval.run import main
+
+    monkeypatch.setattr(peers.RapidOCRPeer, "available", lambda self: (False, "rapidocr gone"))
+    args = ["--dataset", str(page_set), "--model", "tiny", "--mode", "tiny", "--limit", "1"]
+    args += ["--max-new-tokens", "2", "--peers", "rapidocr", "-o", str(tmp_path / "r.md")]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "dsocr eval: peer not run: rapidocr on rendered-test: rapidocr gone" in err
+    md = (tmp_path / "r.md").read_text()
+    assert "not run: tesseract (not run), rapidocr (rapidocr gone)" in md
+    assert "no peer ran, so its standing is not known" in md
+
+
+def _row(peer, cer, mode="", tokens=math.nan, skipped=""):
+    pages = 0 if skipped else 1
+    return ReportRow(
+        peer,
+        "d",
+        mode=mode,
+        vision_tokens=tokens,
+        pages=pages,
+        cer=cer,
+        skipped=skipped,
+        s_per_page=0.5,
+    )
+
+
+def test_standing_never_claims_beating_a_peer_that_did_not_run():
+    (line,) = standing_lines([_row("dsocr:m", 0.05, "tiny", 64), _row("tesseract", 0.10)])
+    assert "beats every peer" not in line
+    assert "tesseract 0.1000 (dsocr better); not run: rapidocr (not run)" in line
+    assert "it beats tesseract on CER, but not every required peer ran" in line
+    rows = [
+        _row("dsocr:m", 0.05, "tiny", 64),
+        _row("tesseract", 0.10),
+        _row("rapidocr", math.nan, skipped="no onnxruntime"),
+    ]
+    (line,) = standing_lines(rows)
+    assert "not run: rapidocr (no onnxruntime)" in line and "beats every peer" not in line
+    (line,) = standing_lines([_row("dsocr:m", 0.05, "tiny", 64)])
+    assert "not run: tesseract (not run), rapidocr (not run); no peer ran" in line
+
+
+def test_standing_reports_ties_as_ties():
+    rows = [_row("dsocr:m", 0.02, "tiny", 64), _row("tesseract", 0.02), _row("rapidocr", 0.03)]
+    (line,) = standing_lines(rows)
+    assert "tesseract 0.0200 (tie), rapidocr 0.0300 (dsocr better)" in line
+    assert "it ties tesseract on CER, so it does not beat every peer" in line
+    rows[1].cer = 0.03
+    (line,) = standing_lines(rows)
+    assert line.endswith("; it beats every peer on CER.")
+
+
+def test_plots_clip_cer_above_one_and_say_so(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dsocr.eval.run import _accuracy, plot, plot_tokens
+
+    assert _accuracy(1.7) == (0.0, True) and _accuracy(0.25) == (0.75, False)
+    rows = [_row("dsocr:m", 1.7, "tiny", 64), _row("dsocr:m", 0.5, "small", 100), _row("t", 0.1)]
+    assert plot_tokens(rows, tmp_path / "sub" / "t.png").stat().st_size > 1000
+    assert plot(rows, tmp_path / "s.png").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png", "sub"]

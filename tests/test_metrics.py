@@ -7,6 +7,7 @@ import pytest
 
 from dsocr.eval.metrics import (
     _latex_to_text,
+    _parse_table,
     _TableNode,
     _tree_edit_distance,
     box_iou,
@@ -357,3 +358,43 @@ def test_reading_order_distance_unmatched_and_text():
     assert reading_order_distance(["helo", "world"], ["hello", "world"]) == 0.0
     with pytest.raises(ValueError):
         reading_order_distance(["text"], [BOX_A])
+
+
+# --------------------------------------------------------------------------------------------
+# Edge cases found by the audit: Unicode forms, tag case, nested tables
+
+
+def test_metrics_compare_unicode_nfc_forms_as_equal():
+    nfd, nfc = "cafe\u0301 au lait", "café au lait"
+    assert cer(nfd, nfc) == 0 and cer(nfd, nfc, normalize_whitespace=True) == 0
+    assert wer(nfd, nfc) == 0
+    assert fox_precision(nfd, nfc) == 1
+    assert omnidoc_normalize(nfd) == omnidoc_normalize(nfc) == "caféaulait"
+    assert omnidoc_text_edit(nfd, nfc) == 0
+    assert cer("cafe", "café") == 0.25  # a real difference stays one edit in four characters
+
+
+def test_omnidoc_removes_html_tables_in_any_case():
+    assert omnidoc_normalize("a<TABLE><tr><td>x</td></tr></TABLE>b") == "ab"
+    assert omnidoc_normalize("a<Table border=1><TR><TD>x</TD></TR></tAbLe>b") == "ab"
+    assert omnidoc_normalize("a\n\n<TABLE><tr><td>x</td></tr></TABLE>\n\nb") == "ab"
+    # not a table tag, so kept ("/t" goes, as clean_string deletes it everywhere)
+    assert omnidoc_normalize("<tablet>x</tablet>") == "tabletxablet"
+
+
+def test_teds_keeps_a_nested_table_inside_its_cell():
+    nested = "<table><tr><td><table><tr><td>x</td></tr></table></td><td>y</td></tr></table>"
+    plain = "<table><tr><td>x</td><td>y</td></tr></table>"
+    root, n = _parse_table(nested, frozenset())
+    (row,) = root.children
+    assert [c.tag for c in row.children] == ["td", "td"]  # one row of two cells, not two rows
+    assert row.children[0].content == ("<table>", "<tr>", "<td>", "x", "</td>", "</tr>", "</table>")
+    assert row.children[1].content == "y"
+    assert n == 6  # tr, td, table, tr, td, td: every element below the root (PubTabNet xpath)
+    assert teds(nested, nested) == 1.0
+    # tr + 2 td in both; the nested cell's 7 tokens vs "x": NED 6/7; |T| = max(6, 3)
+    assert teds(nested, plain) == pytest.approx(1 - (6 / 7) / 6)
+    # the nested table's own closing tags do not close the outer cell or row
+    after = nested.replace("</table></td><td>y", "</table>z</td><td>y")
+    (row,) = _parse_table(after, frozenset())[0].children
+    assert row.children[0].content[-1] == "z" and row.children[1].content == "y"

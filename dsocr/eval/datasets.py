@@ -2,18 +2,24 @@
 
 Each manifest row is one page::
 
-    {"id": "pdf-debref-en-p012", "image": "images/pdf-debref-en-p012.png", "text": "...",
-     "source": "/usr/share/debian-reference/debian-reference.en.pdf#12", "sha256": "<of the PNG>"}
+    {"id": "debref-en-p0133", "image": "images/debref-en-p0133.png", "text": "...",
+     "source": "/usr/share/debian-reference/debian-reference.en.pdf#133", "lang": "en",
+     "sha256": "<of the PNG>", "text_sha256": "<of text, UTF-8>",
+     "overlap_lines": 23, "train_overlap": 0, "heldout_overlap": 16}
 
-``image`` is relative to the manifest's folder. ``load_pages`` checks every checksum, so a set
-that changed on disk is an error, not a silent shift in the numbers.
+``image`` is relative to the manifest's folder. ``load_pages`` checks both checksums (image and
+ground-truth text), so a set that changed on disk is an error, not a silent shift in the numbers.
+The three ``*overlap*`` fields (PDF sets only) record how many of the page's text-layer lines
+(whitespace-normalised, longer than 25 characters) occur in the training and held-out corpus.
 
-Two builders (``scripts/build_eval_sets.py`` runs both, writing ``data/eval/<set>/``):
+Two builders (``scripts/build_eval_sets.py`` runs them, writing ``data/eval/<set>/``):
 
 - :func:`build_pdf_set`: real PDF pages rasterised at 144 dpi (the official PDF runner's
-  resolution) with the PDF's own text layer as ground truth. The text layer is a coarse reference
-  (reading order of headers/footers, ligatures, no layout spaces), so numbers on this set are
-  comparable between engines, not absolute.
+  resolution) with the PDF's own text layer as ground truth. Pages are chosen from held-out text
+  (:func:`select_heldout_pages`): the training corpus holds the same documents as HTML, so a
+  page picked blindly is usually text the model was trained on. The text layer is a coarse
+  reference (reading order of headers/footers, ligatures, no layout spaces), so numbers on this
+  set are comparable between engines, not absolute.
 - :func:`build_rendered_set`: held-out corpus text rendered with :mod:`dsocr.render` (fixed seed,
   fixed style), ground truth exact by construction.
 """
@@ -23,20 +29,38 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from dsocr.fileio import sha256_file
+from dsocr.fileio import fsync_dir, sha256_file, sha256_text
 
 MANIFEST = "manifest.jsonl"
+REQUIRED_FIELDS = ("id", "image", "text", "source", "sha256", "text_sha256")
 
-# Fixed, documented page list for the real-PDF set: the English Debian Reference (package
-# debian-reference-en, 261 pages). 1-based PDF page numbers: the preface (24, 26) and body text
-# spread over chapters 1-12; the cover and table of contents (pages 1-23) are left out.
-DEFAULT_PDF = "/usr/share/debian-reference/debian-reference.en.pdf"
-DEFAULT_PDF_PAGES = (24, 26, 35, 50, 65, 80, 100, 120, 200, 230)
+# Real-PDF sets: the Debian Reference in each installed language (packages debian-reference-en,
+# -de, -fr, -ja, -zh-cn). Set name -> (PDF, language of its text).
+DEBREF = "/usr/share/debian-reference/debian-reference.{}.pdf"
+PDF_SETS = {
+    "pdf-debref-en": (DEBREF.format("en"), "en"),
+    "pdf-debref-de": (DEBREF.format("de"), "de"),
+    "pdf-debref-fr": (DEBREF.format("fr"), "fr"),
+    "pdf-debref-ja": (DEBREF.format("ja"), "ja"),
+    "pdf-debref-zh-cn": (DEBREF.format("zh-cn"), "zh-cn"),
+}
+DEFAULT_PDF = PDF_SETS["pdf-debref-en"][0]
+# What select_heldout_pages(DEFAULT_PDF, "data/corpus") chose for debian-reference-en 2.x
+# (261 pages): chapter 6 (network applications) and appendix A, the held-out chapters of
+# scripts/build_corpus.py; none of these pages has a text-layer line in train.jsonl. The
+# builder selects afresh each time (another package version may move the chapters); this
+# constant documents the selection and serves callers that cannot measure.
+DEFAULT_PDF_PAGES = (133, 135, 137, 139, 140, 142, 143, 145, 146, 261)
+
+OVERLAP_MIN_CHARS = 25  # lines this long or shorter (headers, page numbers) are not measured
 
 
 @dataclass
@@ -47,75 +71,384 @@ class EvalPage:
     source: str
     sha256: str
     dataset: str = ""
+    lang: str = ""
+    where: str = ""  # "<manifest>:<line>", for error messages
 
     def load_image(self) -> Image.Image:
-        return Image.open(self.image_path).convert("RGB")
+        try:
+            with Image.open(self.image_path) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{self.where}: {self.image_path}: cannot read image ({e})") from None
 
 
-def write_set(out_dir: str | os.PathLike, items: list[tuple[str, Image.Image, str, str]]) -> Path:
-    """Write (id, image, text, source) items as ``out_dir/images/<id>.png`` + manifest.jsonl."""
+def write_set(out_dir: str | os.PathLike, items: list[tuple], lang: str = "") -> Path:
+    """Write (id, image, text, source[, extra fields]) items as ``out_dir/images/<id>.png`` +
+    manifest.jsonl, replacing any earlier set in ``out_dir`` as a whole.
+
+    The set is written into a temporary sibling folder that then takes ``out_dir``'s place, so
+    images of an earlier, larger build never linger and a failed build leaves the old set.
+    """
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for pid, image, text, source in items:
-        rel = f"images/{pid}.png"
-        image.save(out / rel, optimize=False)
-        rows.append(
-            {
-                "id": pid,
-                "image": rel,
-                "text": text,
-                "source": source,
-                "sha256": sha256_file(out / rel),
-            }
+    ids = [it[0] for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(
+            f"{out}: duplicate page ids {sorted({i for i in ids if ids.count(i) > 1})}"
         )
-    manifest = out / MANIFEST
-    with open(manifest, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return manifest
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        (tmp / "images").mkdir()
+        rows = []
+        for pid, image, text, source, *extra in items:
+            rel = f"images/{pid}.png"
+            image.save(tmp / rel, optimize=False)
+            row = {"id": pid, "image": rel, "text": text, "source": source}
+            if lang:
+                row["lang"] = lang
+            row["sha256"] = sha256_file(tmp / rel)
+            row["text_sha256"] = sha256_text(text)
+            for e in extra:
+                row.update(e)
+            rows.append(row)
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out / MANIFEST
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_pages(
     manifest: str | os.PathLike, limit: int | None = None, verify: bool = True
 ) -> list[EvalPage]:
-    """Read a manifest (or the folder holding one); the first ``limit`` rows; check checksums."""
+    """Read a manifest (or the folder holding one); the first ``limit`` rows; check checksums.
+
+    Every problem is a ValueError naming the manifest and line: bad JSON, a missing field, a
+    duplicate page id, an image that is missing, changed or not an image, ground-truth text that
+    does not match its ``text_sha256``, and a manifest without pages.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     manifest = Path(manifest)
     if manifest.is_dir():
         manifest = manifest / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no such manifest (scripts/build_eval_sets.py)")
     dataset = manifest.parent.name
-    pages = []
+    pages: list[EvalPage] = []
+    seen: dict[str, str] = {}
     with open(manifest, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            where = f"{manifest}:{lineno}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{where}: a row must be a JSON object")
+            missing = [k for k in REQUIRED_FIELDS if not isinstance(r.get(k), str)]
+            if missing:
+                hint = (
+                    " (rebuild with scripts/build_eval_sets.py)" if "text_sha256" in missing else ""
+                )
+                raise ValueError(
+                    f"{where}: missing or non-string field(s) {', '.join(missing)}{hint}"
+                )
+            if r["id"] in seen:
+                raise ValueError(
+                    f"{where}: duplicate page id {r['id']!r} (first at {seen[r['id']]})"
+                )
+            seen[r["id"]] = where
             page = EvalPage(
-                r["id"], manifest.parent / r["image"], r["text"], r["source"], r["sha256"], dataset
+                r["id"],
+                manifest.parent / r["image"],
+                r["text"],
+                r["source"],
+                r["sha256"],
+                dataset,
+                r.get("lang", "") if isinstance(r.get("lang", ""), str) else "",
+                where,
             )
-            if verify and sha256_file(page.image_path) != page.sha256:
-                raise ValueError(f"{page.image_path}: sha256 differs from {manifest}")
+            if verify:
+                _verify(page, r["text_sha256"])
             pages.append(page)
             if limit is not None and len(pages) >= limit:
                 break
+    if not pages:
+        raise ValueError(f"{manifest}: no pages in the manifest")
     return pages
+
+
+def _verify(page: EvalPage, text_sha256: str) -> None:
+    try:
+        digest = sha256_file(page.image_path)
+    except OSError as e:
+        raise ValueError(f"{page.where}: {page.image_path}: cannot read ({e.strerror})") from None
+    if digest != page.sha256:
+        raise ValueError(f"{page.where}: {page.image_path}: sha256 differs from the manifest")
+    if sha256_text(page.text) != text_sha256:
+        raise ValueError(f"{page.where}: ground-truth text differs from its text_sha256")
+    try:
+        with Image.open(page.image_path) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f"{page.where}: {page.image_path}: not a readable image ({e})") from None
+
+
+def load_datasets(paths, limit: int | None = None) -> list[EvalPage]:
+    """Pages of several sets; two sets with the same name (folder basename) are refused, since
+    the report would merge them into one table."""
+    names: dict[str, str] = {}
+    pages = []
+    for d in paths:
+        ps = load_pages(d, limit=limit)
+        name = ps[0].dataset
+        if name in names:
+            raise ValueError(
+                f"two datasets are named {name!r} ({names[name]} and {d}); the report names a set "
+                "by its folder, so rename one"
+            )
+        names[name] = str(d)
+        pages += ps
+    return pages
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out PDF pages
+
+
+def _norm_line(line: str) -> str:
+    return " ".join(line.split())
+
+
+def text_layer_lines(text: str) -> list[str]:
+    """The lines of a page's text layer that the overlap measure looks at: whitespace-
+    normalised, longer than ``OVERLAP_MIN_CHARS`` characters."""
+    lines = (_norm_line(x) for x in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    return [x for x in lines if len(x) > OVERLAP_MIN_CHARS]
+
+
+class CorpusText:
+    """The train and held-out split of a corpus folder (scripts/build_corpus.py) as two
+    searchable strings: each row's text whitespace-normalised, rows joined by newlines."""
+
+    def __init__(self, corpus_dir: str | os.PathLike):
+        folder = Path(corpus_dir)
+        self.splits = {}
+        for split in ("train", "heldout"):
+            path = folder / f"{split}.jsonl"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no corpus split (run scripts/build_corpus.py)")
+            with open(path, encoding="utf-8") as f:
+                self.splits[split] = "\n".join(
+                    _norm_line(json.loads(line)["text"]) for line in f if line.strip()
+                )
+
+    def count(self, lines: list[str], split: str) -> int:
+        """How many of ``lines`` occur verbatim in ``split`` ("train" or "heldout")."""
+        text = self.splits[split]
+        return sum(1 for x in lines if x in text)
+
+
+@dataclass
+class PageOverlap:
+    page: int  # 1-based
+    lines: int  # measured lines (see text_layer_lines)
+    heldout: int  # of them found in heldout.jsonl
+    train: int | None  # of them found in train.jsonl; None when not measured
+
+    def as_fields(self) -> dict:
+        return {
+            "overlap_lines": self.lines,
+            "train_overlap": self.train,
+            "heldout_overlap": self.heldout,
+        }
+
+
+def pdf_page_count(pdf: str | os.PathLike) -> int:
+    from dsocr.pipeline.providers import count_pages
+
+    return count_pages(pdf)
+
+
+def check_page_numbers(pages, n_pages: int, what: str = "page") -> tuple[int, ...]:
+    """1-based page numbers, each in 1..n_pages (ValueError otherwise), order kept."""
+    out = []
+    for p in pages:
+        if not isinstance(p, int) or p < 1:
+            raise ValueError(f"{what} numbers are 1-based: got {p!r}")
+        if p > n_pages:
+            raise ValueError(f"{what} {p} is past the end: the PDF has {n_pages} pages")
+        out.append(p)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} numbers repeat: {list(pages)}")
+    return tuple(out)
+
+
+def _text_layers(pdf, pages=None):
+    """(1-based page, text layer) for ``pages`` (all when None), rendered small (text only)."""
+    from dsocr.pipeline.providers import iter_pages
+
+    indices = None if pages is None else [n - 1 for n in pages]
+    for p in iter_pages(pdf, dpi=9, pages=indices):
+        yield p.index + 1, p.text_layer or ""
+
+
+def pdf_line_overlap(
+    pdf: str | os.PathLike,
+    corpus: str | os.PathLike | CorpusText,
+    pages=None,
+    *,
+    train_if=None,
+) -> list[PageOverlap]:
+    """Per page of ``pdf`` (1-based ``pages``, all when None): how many of its text-layer lines
+    (:func:`text_layer_lines`) occur in the corpus folder's train.jsonl and heldout.jsonl.
+
+    ``train_if(overlap) -> bool`` limits the (slower: the train split is ~20x larger) train
+    search to the pages it accepts; the others get ``train=None``.
+    """
+    text = corpus if isinstance(corpus, CorpusText) else CorpusText(corpus)
+    if pages is not None:
+        pages = check_page_numbers(list(pages), pdf_page_count(pdf))
+    out = []
+    for number, layer in _text_layers(pdf, pages):
+        lines = text_layer_lines(layer)
+        ov = PageOverlap(number, len(lines), text.count(lines, "heldout"), None)
+        if train_if is None or train_if(ov):
+            ov.train = text.count(lines, "train")
+        out.append(ov)
+    return out
+
+
+def _spread(items: list, n: int) -> list:
+    """``n`` items spread evenly over ``items`` (first and last included), order kept."""
+    if n >= len(items):
+        return list(items)
+    if n == 1:
+        return [items[0]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def is_heldout_page(ov: PageOverlap, max_train: int = 1, min_heldout: int = 3) -> bool:
+    """A page counts as held-out when at least ``min_heldout`` of its lines are in heldout.jsonl,
+    those are at least half of its lines found in the corpus at all, and at most ``max_train``
+    are in train.jsonl (lines that are not found anywhere, e.g. bullets or typographic quotes
+    the HTML writes differently, count for neither side)."""
+    train = ov.train or 0
+    return ov.heldout >= min_heldout and ov.heldout >= train and train <= max_train
+
+
+def select_heldout_pages(
+    pdf: str | os.PathLike,
+    corpus: str | os.PathLike | CorpusText,
+    n: int = 10,
+    *,
+    max_train: int = 1,
+    min_heldout: int = 3,
+) -> list[PageOverlap]:
+    """Choose ``n`` held-out pages of ``pdf`` (:func:`is_heldout_page`), deterministically.
+
+    Pages with no train line are preferred; when there are at least ``n`` of them only those are
+    used. The result is spread evenly over the candidates in page order. Fewer than ``n`` pages
+    come back when the PDF has fewer held-out pages; ValueError when it has none.
+    """
+    if n < 1:
+        raise ValueError(f"number of pages must be at least 1, got {n}")
+    measured = pdf_line_overlap(pdf, corpus, train_if=lambda ov: ov.heldout >= min_heldout)
+    cands = [
+        ov
+        for ov in measured
+        if ov.train is not None and is_heldout_page(ov, max_train, min_heldout)
+    ]
+    clean = [ov for ov in cands if ov.train == 0]
+    if len(clean) >= n:
+        cands = clean
+    if not cands:
+        raise ValueError(
+            f"{pdf}: no page has held-out text (>= {min_heldout} lines in heldout.jsonl, "
+            f"<= {max_train} in train.jsonl); is the corpus built from this document?"
+        )
+    return _spread(cands, n)
 
 
 def build_pdf_set(
     out_dir: str | os.PathLike,
     pdf: str | os.PathLike = DEFAULT_PDF,
-    pages: tuple[int, ...] = DEFAULT_PDF_PAGES,
+    pages=None,
     dpi: float = 144,
     prefix: str = "debref-en",
+    *,
+    corpus: str | os.PathLike | CorpusText | None = "data/corpus",
+    n_pages: int = 10,
+    lang: str = "",
+    allow_overlap: bool = False,
+    max_train: int = 1,
 ) -> Path:
-    """Rasterise 1-based ``pages`` of ``pdf`` at ``dpi``; ground truth = the page's text layer."""
+    """Rasterise pages of ``pdf`` at ``dpi``; ground truth = the page's text layer.
+
+    ``pages=None`` chooses ``n_pages`` held-out pages with :func:`select_heldout_pages`. Given
+    1-based ``pages`` are measured the same way; a page with more than ``max_train`` lines in the
+    training corpus is refused (ValueError) unless ``allow_overlap``, which warns instead. Each
+    manifest row records its page's overlap counts; ``corpus=None`` (explicit pages only) skips
+    the measure and records ``train_overlap: null``.
+    """
     from dsocr.pipeline.providers import iter_pages
 
+    if pages is None:
+        if corpus is None:
+            raise ValueError("choosing held-out pages needs the corpus (or explicit pages)")
+        overlap = select_heldout_pages(pdf, corpus, n_pages, max_train=max_train)
+        pages = tuple(ov.page for ov in overlap)
+    else:
+        pages = check_page_numbers(list(pages), pdf_page_count(pdf))
+        if corpus is None:
+            if not allow_overlap:
+                raise ValueError("cannot check the pages against the training corpus without it")
+            warnings.warn(f"{pdf}: pages not checked against the training corpus", stacklevel=2)
+            overlap = [PageOverlap(p, 0, 0, None) for p in pages]
+        else:
+            overlap = pdf_line_overlap(pdf, corpus, pages)
+        bad = [ov for ov in overlap if ov.train is not None and ov.train > max_train]
+        if bad:
+            listing = ", ".join(f"{ov.page} ({ov.train}/{ov.lines} lines)" for ov in bad)
+            msg = f"{pdf}: pages whose text is in the training corpus: {listing}"
+            if not allow_overlap:
+                raise ValueError(msg + "; not a held-out set (pass the pages explicitly to force)")
+            warnings.warn(msg + "; recorded as train_overlap in the manifest", stacklevel=2)
+    by_page = {ov.page: ov for ov in overlap}
     items = []
     for p in iter_pages(pdf, dpi=dpi, pages=[n - 1 for n in pages]):
+        number = p.index + 1
         text = (p.text_layer or "").replace("\r\n", "\n").replace("\r", "\n").strip()
-        items.append((f"{prefix}-p{p.index + 1:04d}", p.image, text, f"{pdf}#{p.index + 1}"))
-    return write_set(out_dir, items)
+        items.append(
+            (
+                f"{prefix}-p{number:04d}",
+                p.image,
+                text,
+                f"{pdf}#{number}",
+                by_page[number].as_fields(),
+            )
+        )
+    return write_set(out_dir, items, lang=lang)
 
 
 def rendered_pages(
@@ -170,4 +503,4 @@ def build_rendered_set(
             r = json.loads(line)
             if r.get("lang") == lang:
                 texts.append((f"{r['source']}:{r['doc']}", r["text"]))
-    return write_set(out_dir, rendered_pages(texts, n_pages, seed=seed))
+    return write_set(out_dir, rendered_pages(texts, n_pages, seed=seed), lang=lang)

@@ -129,14 +129,21 @@ def normalized_edit_distance(pred: Sequence[Hashable], gt: Sequence[Hashable]) -
 # Character / word error rate
 
 
+def _nfc(text: str) -> str:
+    """Unicode NFC: "e" + U+0301 and "é" are one character to every text metric here, as a
+    reader sees them (engines and PDF text layers differ in which form they emit)."""
+    return unicodedata.normalize("NFC", text)
+
+
 def cer(pred: str, gt: str, *, normalize_whitespace: bool = False) -> float:
     """Character error rate: ``edit_distance(pred, gt) / len(gt)`` (can exceed 1).
 
-    ``normalize_whitespace=True`` first collapses every whitespace run (spaces, tabs, newlines)
+    Both strings are NFC-normalised first. ``normalize_whitespace=True`` then collapses every whitespace run (spaces, tabs, newlines)
     to one space and strips both ends, so layout-only differences cost nothing. With an empty
     reference the rate is 0.0 for an empty prediction and 1.0 otherwise (a convention: the ratio
     is undefined there).
     """
+    pred, gt = _nfc(pred), _nfc(gt)
     if normalize_whitespace:
         pred, gt = " ".join(pred.split()), " ".join(gt.split())
     if not gt:
@@ -147,12 +154,12 @@ def cer(pred: str, gt: str, *, normalize_whitespace: bool = False) -> float:
 def wer(pred: str, gt: str) -> float:
     """Word error rate: word-level Levenshtein distance / number of reference words.
 
-    Words are ``str.split()`` tokens, so any whitespace run separates words and leading or
+    Both strings are NFC-normalised. Words are ``str.split()`` tokens, so any whitespace run separates words and leading or
     trailing whitespace is ignored (whitespace is always normalised). Case and punctuation are
     kept: "Hello," and "hello" are different words. Empty reference: 0.0 if the prediction has no
     words either, else 1.0 (same convention as :func:`cer`).
     """
-    p, g = pred.split(), gt.split()
+    p, g = _nfc(pred).split(), _nfc(gt).split()
     if not g:
         return 0.0 if not p else 1.0
     return edit_distance(p, g) / len(g)
@@ -188,9 +195,11 @@ def fox_scores(pred: str, gt: str) -> dict[str, float]:
         edit_dist = ED(pred, gt) / max(len(pred), len(gt))   (characters)
 
     Words are *types*, not occurrences: a repeated word counts once, and word order is ignored.
-    Benchmark numbers are the mean of the per-page values. nltk returns ``None`` for an empty
+    Benchmark numbers are the mean of the per-page values. Both texts are NFC-normalised first
+    (Fox does not; it matters only for decomposed accents). nltk returns ``None`` for an empty
     word set; here two empty texts score P = R = F1 = 1.0 and a single empty side scores 0.0.
     """
+    pred, gt = _nfc(pred), _nfc(gt)
     p_words, g_words = set(fox_tokenize(pred)), set(fox_tokenize(gt))
     if not p_words and not g_words:
         precision = recall = f1 = 1.0
@@ -231,7 +240,7 @@ _FENCE_OPEN_RE = re.compile(r"^```markdown\n?", re.MULTILINE)
 _FENCE_CLOSE_RE = re.compile(r"```\n?$", re.MULTILINE)
 _LATEX_TABLE_ENV_RE = re.compile(r"\\begin\{table\}.*?\\end\{table\}", re.DOTALL)
 _TABULAR_TAG_RE = re.compile(r"\\begin\{tabular\}|\\end\{tabular\}")
-_HTML_TABLE_TAG_RE = re.compile(r"<table[^>]*>|</table>")
+_HTML_TABLE_TAG_RE = re.compile(r"<table\b[^>]*>|</table\s*>", re.IGNORECASE)
 # Scanned left to right as one alternation, like OmniDocBench: display math ($$..$$, \[..\]) is
 # removed; inline math ($..$, \(..\)) is consumed by the scan but left in the text.
 _MATH_SCAN_RE = re.compile(r"\$\$(.*?)\$\$|\\\[(.*?)\\\]|\$(.*?)\$|\\\((.*?)\\\)", re.DOTALL)
@@ -327,7 +336,7 @@ def _remove_balanced(text: str, tag_re: re.Pattern[str], opener: str) -> str:
     """Replace each outermost ``opener ... closer`` span (nesting counted) by one space."""
     out, depth, start, last = [], 0, 0, 0
     for m in tag_re.finditer(text):
-        if m.group(0).startswith(opener):
+        if m.group(0).lower().startswith(opener):
             if depth == 0:
                 start = m.start()
             depth += 1
@@ -358,14 +367,16 @@ def _remove_markdown_tables(text: str) -> str:
 def omnidoc_normalize(text: str) -> str:
     """Normalise a Markdown page the way OmniDocBench does before its text edit distance.
 
-    Rules, in order (``opendatalab/OmniDocBench`` ``utils/data_preprocess.py``; names are theirs):
+    Rules, in order (``opendatalab/OmniDocBench`` ``utils/data_preprocess.py``; names are theirs),
+    after NFC normalisation (ours: OmniDocBench compares code points as they come):
 
     1. ``md_tex_filter`` cleanup: remove images ``![..](..)``; remove a ```` ```markdown ```` fence
        at a line start and ```` ``` ```` at a line end (``remove_markdown_fences``); cap repeats
        (``replace_repeated_chars``): 5+ ``_`` -> ``____``, 5+ spaces -> 4 spaces, 11+ copies of
        one character other than ``[A-Za-z0-9]`` -> 4 copies.
     2. Remove what OmniDocBench scores with other metrics: LaTeX ``table`` environments and
-       (nested) ``tabular`` environments; HTML ``<table>...</table>`` (nested tables counted);
+       (nested) ``tabular`` environments; HTML ``<table>...</table>`` (nested tables counted; tag
+       names in any case, as HTML has them);
        display formulas ``$$...$$`` and ``\\[...\\]``; Markdown pipe tables.
     3. Unwrap ``\\title{x}``, ``\\text{x}``, ``\\section{x}``/``\\section*{x}`` to ``x``.
     4. Split into paragraphs on blank lines (on single newlines if there are none); drop a
@@ -383,6 +394,8 @@ def omnidoc_normalize(text: str) -> str:
     Only the ground-truth category filtering (headers, footers, page numbers ignored) and the
     block matching are out of scope: this works on whole pages.
     """
+    # 0. one Unicode form (NFC) for both sides
+    text = _nfc(text)
     # 1. md_tex_filter cleanup
     text = _IMAGE_RE.sub("", text)
     text = _FENCE_OPEN_RE.sub("", text)
@@ -410,7 +423,7 @@ def omnidoc_normalize(text: str) -> str:
         para = "\n".join(line.strip() for line in para.split("\n") if line.strip())
         if not para:
             continue
-        if para.startswith("<table") and para.endswith("</table>"):
+        if para.lower().startswith("<table") and para.lower().endswith("</table>"):
             continue
         if para.startswith("$") and para.endswith("$"):
             continue
@@ -466,7 +479,10 @@ class _TableParser(HTMLParser):
     nodes; a ``td``/``th`` is a leaf whose content is PubTabNet's token list: each character of
     its text, plus ``<tag>`` and ``</tag>`` tokens for elements inside the cell. Implied end tags
     are handled for cells, rows and sections; unmatched end tags are ignored; void elements
-    (``<br>``) never stay open. ``n_elements`` counts elements below the root, in-cell ones too
+    (``<br>``) never stay open. A table nested in a cell stays inside that cell: its elements
+    (``<table>``, ``<tr>``, ``<td>``, ...) and text become the cell's content tokens, as in
+    PubTabNet, whose cell tokenizer walks a cell's whole subtree; it is never merged into the
+    outer table's rows. ``n_elements`` counts elements below the root, in-cell ones too
     (PubTabNet's ``len(table.xpath(".//*"))``).
     """
 
@@ -477,6 +493,7 @@ class _TableParser(HTMLParser):
         self.stack: list[_TableNode] = []  # open structural nodes, root first
         self.cell: _TableNode | None = None
         self.inline: list[str] = []  # open elements inside the current cell
+        self.nested = 0  # depth of tables open inside the current cell
         self.n_elements = 0
         self.done = False
 
@@ -485,6 +502,7 @@ class _TableParser(HTMLParser):
             while self.inline:
                 self.cell.content.append(f"</{self.inline.pop()}>")
             self.cell = None
+            self.nested = 0
 
     def _pop_to(self, tags: frozenset[str]) -> None:
         """Pop structural nodes until the top one has a tag in ``tags`` (root is never popped)."""
@@ -500,8 +518,10 @@ class _TableParser(HTMLParser):
                 self.stack = [self.root]
             return
         self.n_elements += 1
-        if self.cell is not None and tag not in _CELL_TAGS and tag != "tr":
-            self.cell.content.append(f"<{tag}>")  # inline element inside a cell
+        if self.cell is not None and (self.nested or tag not in _CELL_TAGS and tag != "tr"):
+            self.cell.content.append(f"<{tag}>")  # inline element (or nested table) in a cell
+            if tag == "table":
+                self.nested += 1
             if tag in _VOID_TAGS:
                 self.cell.content.append(f"</{tag}>")
             else:
@@ -536,8 +556,12 @@ class _TableParser(HTMLParser):
                 while self.inline:
                     open_tag = self.inline.pop()
                     self.cell.content.append(f"</{open_tag}>")
+                    if open_tag == "table":
+                        self.nested -= 1
                     if open_tag == tag:
                         return
+            if self.nested:
+                return  # stray end tag inside a nested table
             if tag not in _CELL_TAGS and tag not in _SECTION_TAGS and tag not in ("tr", "table"):
                 return  # stray end tag inside a cell
             self._close_cell()

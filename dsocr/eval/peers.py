@@ -5,8 +5,12 @@ Peers import their engine lazily, so this module is cheap and a missing engine s
 ``available() == (False, "<why>")`` instead of an ImportError at import time.
 
 - :class:`TesseractPeer`: tesserocr (whose manylinux wheel bundles libtesseract 5.x) with the
-  Debian traineddata (``apt-get install tesseract-ocr tesseract-ocr-eng``). ``OMP_THREAD_LIMIT=1``
-  is set before the first import: the default OpenMP setting thrashes on few cores.
+  Debian traineddata (``apt-get install tesseract-ocr tesseract-ocr-eng``, plus
+  ``tesseract-ocr-deu`` etc. for other languages). Its language is fixed (``lang="deu+eng"``) or,
+  by default, follows each page set's manifest ``lang`` (:data:`TESSERACT_LANGS`); a missing
+  language pack makes the peer unavailable for that set, with the package to install.
+  ``OMP_THREAD_LIMIT=1`` is set before the first import: the default OpenMP setting thrashes on
+  few cores.
 - :class:`RapidOCRPeer`: rapidocr + onnxruntime with the default models its wheel ships (runs
   offline; any non-default model would be downloaded at run time, so none is asked for).
 - :class:`DsocrPeer`: a loaded :class:`dsocr.api.OCR` with a mode and prompt.
@@ -27,6 +31,18 @@ from dsocr.vision.preprocess import valid_image_tokens
 
 PEER_NAMES = ("tesseract", "rapidocr")
 
+# Page-set language (manifest "lang") -> Tesseract language string. English is added second to
+# the others: the translated Debian manuals keep commands, file names and untranslated
+# paragraphs in English.
+TESSERACT_LANGS = {
+    "en": "eng",
+    "de": "deu+eng",
+    "fr": "fra+eng",
+    "ja": "jpn+eng",
+    "zh-cn": "chi_sim+eng",
+    "zh": "chi_sim+eng",
+}
+
 
 @runtime_checkable
 class Peer(Protocol):
@@ -37,44 +53,85 @@ class Peer(Protocol):
     def ocr(self, image: Image.Image) -> str: ...
 
 
-def _find_tessdata() -> str | None:
-    """The folder holding eng.traineddata: $TESSDATA_PREFIX, then Debian's locations."""
+def _tessdata_dirs() -> list[str]:
     candidates = [os.environ.get("TESSDATA_PREFIX", "")]
     candidates += sorted(glob.glob("/usr/share/tesseract-ocr/*/tessdata"), reverse=True)
     candidates += ["/usr/share/tessdata"]
-    for c in candidates:
-        if c and os.path.isfile(os.path.join(c, "eng.traineddata")):
-            return c
-    return None
+    return [c for c in candidates if c and os.path.isdir(c)]
+
+
+def _find_tessdata(lang: str = "eng") -> tuple[str | None, str]:
+    """(folder holding every ``<code>.traineddata`` of ``lang``, "") or (None, one-line reason):
+    $TESSDATA_PREFIX first, then Debian's locations."""
+    codes = [c for c in lang.split("+") if c]
+    if not codes or any(not c.replace("_", "").replace("-", "").isalnum() for c in codes):
+        return None, f"bad Tesseract language {lang!r} (e.g. eng, deu+eng)"
+    dirs = _tessdata_dirs()
+    for d in dirs:
+        if all(os.path.isfile(os.path.join(d, f"{c}.traineddata")) for c in codes):
+            return d, ""
+    where = dirs[0] if dirs else "no tessdata folder"
+    missing = [
+        c
+        for c in codes
+        if not any(os.path.isfile(os.path.join(d, f"{c}.traineddata")) for d in dirs)
+    ]
+    missing = missing or codes
+    packages = " ".join(f"tesseract-ocr-{c.replace('_', '-').lower()}" for c in missing)
+    return None, (
+        f"no {', '.join(c + '.traineddata' for c in missing)} ({where}); "
+        f"apt-get install tesseract-ocr {packages}"
+    )
+
+
+def tesseract_lang(dataset_lang: str) -> str:
+    """Manifest language ("de") -> Tesseract language string ("deu+eng"); "eng" when unknown."""
+    return TESSERACT_LANGS.get(dataset_lang.lower(), "eng") if dataset_lang else "eng"
 
 
 class TesseractPeer:
-    """Tesseract through tesserocr; ``lang`` is a Tesseract language string, e.g. "eng+deu"."""
+    """Tesseract through tesserocr.
 
-    def __init__(self, lang: str = "eng", psm: int | None = None):
+    ``lang`` is a Tesseract language string, e.g. "deu+eng", used for every page set; None (the
+    default) picks it per set from the manifest's ``lang`` (:func:`tesseract_lang`). ``evaluate``
+    calls :meth:`use_language` before each set.
+    """
+
+    def __init__(self, lang: str | None = None, psm: int | None = None):
         self.name = "tesseract"
         self.lang = lang
         self.psm = psm
+        self._apis: dict[str, object] = {}
         self._api = None
+        self.current_lang = lang or "eng"
+
+    def use_language(self, dataset_lang: str) -> tuple[bool, str]:
+        """Switch to the set's language (a fixed ``lang`` wins); (False, why) when its
+        traineddata is missing."""
+        self.current_lang = self.lang or tesseract_lang(dataset_lang)
+        return self.available()
 
     def available(self) -> tuple[bool, str]:
-        if self._api is not None:
+        lang = self.current_lang
+        if lang in self._apis:
+            self._api = self._apis[lang]
             return True, ""
         os.environ.setdefault("OMP_THREAD_LIMIT", "1")
         try:
             import tesserocr
         except ImportError as e:
             return False, f"tesserocr not installed ({e}); pip install tesserocr"
-        path = _find_tessdata()
+        path, why = _find_tessdata(lang)
         if path is None:
-            return False, "no eng.traineddata; apt-get install tesseract-ocr tesseract-ocr-eng"
+            return False, why
         try:
-            kwargs = {"path": path, "lang": self.lang}
+            kwargs = {"path": path, "lang": lang}
             if self.psm is not None:
                 kwargs["psm"] = self.psm
-            self._api = tesserocr.PyTessBaseAPI(**kwargs)
-        except RuntimeError as e:  # missing language pack, bad path
-            return False, f"tesseract init failed: {e}"
+            api = tesserocr.PyTessBaseAPI(**kwargs)
+        except RuntimeError as e:  # unreadable language pack, bad path
+            return False, f"tesseract init failed for {lang}: {' '.join(str(e).split())}"
+        self._apis[lang] = self._api = api
         self.version = tesserocr.tesseract_version().splitlines()[0]
         return True, ""
 
@@ -168,12 +225,20 @@ class DsocrPeer:
         return valid_image_tokens(image.width, image.height, self.mode)
 
 
-def make_peers(names: str | list[str]) -> list[Peer]:
-    """``"tesseract,rapidocr"`` -> peer objects (unknown names raise ValueError)."""
+def make_peers(names: str | list[str], tesseract_lang: str | None = None) -> list[Peer]:
+    """``"tesseract,rapidocr"`` -> peer objects (unknown or repeated names raise ValueError).
+
+    ``tesseract_lang`` fixes Tesseract's language ("deu+eng"); None follows each page set."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    table = {"tesseract": TesseractPeer, "rapidocr": RapidOCRPeer}
+    table = {"tesseract": lambda: TesseractPeer(lang=tesseract_lang), "rapidocr": RapidOCRPeer}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown peer(s) {unknown}; choose from {sorted(table)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"peer named twice in {','.join(names)}")
+    if tesseract_lang is not None:
+        _, why = _find_tessdata(tesseract_lang)
+        if why.startswith("bad"):
+            raise ValueError(f"--tesseract-lang: {why}")
     return [table[n]() for n in names]
