@@ -10,8 +10,10 @@ set -euo pipefail
 # shipped with an explicit --default-mode tiny before that rule existed).
 python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
 python bench/mini.py --pages 32 --table2-pages 1 --pdf-pages 5
-dsocr eval --model dsocr-mini --mode tiny,small,base --max-new-tokens 512 \
-    --dataset data/eval/rendered-en --dataset data/eval/pdf-debref-en --peers tesseract,rapidocr \
-    -o docs/benchmarks/eval.md --json docs/benchmarks/eval.json
+# every eval set scripts/build_eval_sets.py built (rendered-en, pdf-debref-<lang> from held-out text)
+sets=()
+for d in data/eval/rendered-en data/eval/pdf-debref-*; do [ -d "$d" ] && sets+=(--dataset "$d"); done
+dsocr eval --model dsocr-mini --mode tiny,small,base --max-new-tokens 512 "${sets[@]}" \
+    --peers tesseract,rapidocr -o docs/benchmarks/eval.md --json docs/benchmarks/eval.json
 python bench/compression.py --pages-per-bucket 1 --scrambled 2 --long-tokens 2000
 python bench/memory.py --turns 10
