@@ -19,6 +19,12 @@
 - data/eval/rendered-en/: N clean pages of English held-out corpus text
   (data/corpus/heldout.jsonl, built by scripts/build_corpus.py), dsocr.render sans 16 px,
   fixed seed.
+- data/eval/rendered-md-en/: N pages of English held-out documentation HTML (the heldout.jsonl
+  rows' source files: debian-handbook, debian-reference-en, python3.11-doc) converted to light
+  Markdown (headings, lists, pipe tables, fenced code) and drawn with dsocr.render's
+  render_markdown, sans 16 px on 816x1056; ground truth = the Markdown on the page. Pages with
+  structure are preferred; each row records its doc and structure. Skipped with a message when
+  the corpus or the HTML is missing.
 
 Each folder holds images/*.png and manifest.jsonl (id, image, text, source, lang, sha256 of the
 PNG, text_sha256 of the ground truth); a rebuild replaces the folder as a whole. Exit status: 0
@@ -32,8 +38,16 @@ import os
 import sys
 import warnings
 
-from dsocr.eval.datasets import PDF_SETS, CorpusText, build_pdf_set, build_rendered_set
+from dsocr.eval.datasets import (
+    PDF_SETS,
+    CorpusText,
+    build_markdown_set,
+    build_pdf_set,
+    build_rendered_set,
+)
 from dsocr.pipeline.providers import InputError
+
+OTHER_SETS = ("rendered-en", "rendered-md-en")
 
 
 def parse_pages(spec: str) -> tuple[int, ...]:
@@ -56,15 +70,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="data/eval")
     ap.add_argument(
         "--sets",
-        default=",".join([*PDF_SETS, "rendered-en"]),
+        default=",".join([*PDF_SETS, *OTHER_SETS]),
         help="comma list of sets to build (default: all)",
     )
     ap.add_argument("--pdf", default=None, help="PDF for the one PDF set in --sets")
     ap.add_argument("--pdf-pages", default=None, help="1-based page numbers, comma separated")
     ap.add_argument("--pdf-n", type=int, default=10, help="pages per PDF set (automatic choice)")
     ap.add_argument("--corpus-dir", default="data/corpus")
-    ap.add_argument("--corpus", default=None, help="held-out JSONL for rendered-en")
-    ap.add_argument("--rendered", type=int, default=10, help="number of rendered pages")
+    ap.add_argument("--corpus", default=None, help="held-out JSONL for the rendered sets")
+    ap.add_argument("--rendered", type=int, default=10, help="pages per rendered set")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -76,9 +90,9 @@ def main(argv=None) -> int:
 
 def build(args) -> int:
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
-    unknown = [s for s in names if s not in PDF_SETS and s != "rendered-en"]
+    unknown = [s for s in names if s not in PDF_SETS and s not in OTHER_SETS]
     if unknown:
-        raise ValueError(f"unknown set(s) {unknown}; choose from {[*PDF_SETS, 'rendered-en']}")
+        raise ValueError(f"unknown set(s) {unknown}; choose from {[*PDF_SETS, *OTHER_SETS]}")
     pdf_names = [s for s in names if s in PDF_SETS]
     pages = parse_pages(args.pdf_pages) if args.pdf_pages else None
     if (pages or args.pdf) and len(pdf_names) != 1:
@@ -131,6 +145,30 @@ def build(args) -> int:
             print(
                 f"skip rendered-en: {held} not found (run scripts/build_corpus.py)", file=sys.stderr
             )
+    if "rendered-md-en" in names:
+        held = args.corpus or os.path.join(args.corpus_dir, "heldout.jsonl")
+        if not os.path.isfile(held):
+            print(
+                f"skip rendered-md-en: {held} not found (run scripts/build_corpus.py)",
+                file=sys.stderr,
+            )
+        else:
+            try:
+                m = build_markdown_set(
+                    os.path.join(args.out, "rendered-md-en"),
+                    held,
+                    n_pages=args.rendered,
+                    seed=args.seed,
+                )
+            except FileNotFoundError as e:
+                print(
+                    f"skip rendered-md-en: {e} (apt-get install debian-handbook "
+                    "debian-reference-en python3.11-doc)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"wrote {m}")
+                built += 1
     if not built:
         print("build_eval_sets: nothing was built", file=sys.stderr)
         return 1

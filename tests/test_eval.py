@@ -657,3 +657,144 @@ def test_plots_clip_cer_above_one_and_say_so(tmp_path):
     assert plot_tokens(rows, tmp_path / "sub" / "t.png").stat().st_size > 1000
     assert plot(rows, tmp_path / "s.png").stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png", "sub"]
+
+
+# ----------------------------------------------------------------------------------------------
+# rendered-md-en: documentation HTML -> light Markdown -> rendered pages
+
+DOC_HTML = """<html><head><title>T</title><script>x()</script></head><body>
+<div id="banner"><a href="#"><span class="text">Download the ebook</span></a></div>
+<ul class="docnav top"><li class="previous"><a href="a.html"><strong>Prev</strong></a></li>
+<li class="next"><a href="b.html"><strong>Next</strong></a></li></ul>
+<div class="sphinxsidebar"><h3>Table of Contents</h3><ul><li>side</li></ul></div>
+<div class="body" role="main">
+<h1>Chapter {n}. Sharing<a class="headerlink" href="#x">¶</a></h1>
+<p>The <code class="literal">apt-get</code> tool and   <tt>dpkg</tt>
+ share <em>the</em> same __init__ database; 5 * 3 ** 2.</p>
+<h2>{n}.1. Steps</h2>
+<ul><li>first step</li><li><div class="para">second step</div>
+<ol><li>nested one</li><li>nested two</li></ol></li></ul>
+<pre class="screen">$ sudo apt-get update
+	indented | pipe</pre>
+<table class="docutils"><thead><tr><th>package</th><th>size</th></tr></thead>
+<tbody><tr><td><code>w3m</code></td><td>2828</td></tr><tr><td>a|b</td><td>1</td></tr></tbody>
+</table>
+<div class="tip"><table summary="Tip"><tr><td><img src="tip.png" alt="Tip"/></td></tr>
+<tr><td><p>- not a list</p></td></tr></table></div>
+{more}
+</div>
+<div class="navfooter"><table><tr><td><a href="p.html"><img alt="Prev"/></a></td>
+<td>Chapter 5. Network setup</td></tr></table></div>
+<div class="footer">© Copyright</div></body></html>"""
+
+DOC_MD = (
+    "# Chapter 1. Sharing\n\n"
+    "The `apt-get` tool and `dpkg` share the same \\_\\_init\\_\\_ database; 5 * 3 \\*\\* 2.\n\n"
+    "## 1.1. Steps\n\n"
+    "- first step\n"
+    "- second step\n"
+    "  1. nested one\n"
+    "  2. nested two\n\n"
+    "```\n$ sudo apt-get update\n    indented | pipe\n```\n\n"
+    "| package | size |\n| --- | --- |\n| `w3m` | 2828 |\n| a\\|b | 1 |\n\n"
+    "\\- not a list"
+)
+
+
+def test_html_to_markdown_keeps_structure_and_drops_chrome():
+    from dsocr.eval.datasets import html_to_markdown
+
+    md = html_to_markdown(DOC_HTML.format(n=1, more=""))
+    assert md == DOC_MD
+    for chrome in ("Download", "Prev", "Next", "side", "Network setup", "Copyright", "¶", "x()"):
+        assert chrome not in md
+
+
+def test_html_to_markdown_renders_as_its_structure():
+    from dsocr.eval.datasets import html_to_markdown
+    from dsocr.render import PageStyle, render_markdown
+
+    md = html_to_markdown(DOC_HTML.format(n=1, more=""))
+    (page,) = render_markdown(md, PageStyle(font="sans", font_size=16, width=816, height=1056))
+    assert page.text == md
+
+
+def test_doc_html_path_follows_the_corpus_naming(tmp_path):
+    from dsocr.eval.datasets import doc_html_path
+
+    roots = {"debian-handbook": "/h", "debian-reference": "/r", "python3.11-doc": "/p"}
+    assert str(doc_html_path("handbook/en-US/sect.backup", "debian-handbook", roots)) == (
+        "/h/en-US/sect.backup.html"
+    )
+    assert str(doc_html_path("reference/en/ch06", "debian-reference", roots)) == "/r/ch06.en.html"
+    assert str(doc_html_path("python/library/tty", "python3.11-doc", roots)) == (
+        "/p/library/tty.html"
+    )
+    with pytest.raises(ValueError, match="unknown source"):
+        doc_html_path("python/x", "nope", roots)
+
+
+@pytest.fixture
+def md_corpus(tmp_path):
+    """A held-out corpus of three English documents (one French, one missing on disk) whose
+    HTML lies in a generated python3.11-doc folder."""
+    root = tmp_path / "html"
+    (root / "library").mkdir(parents=True)
+    para = "<p>" + "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 6 + "</p>"
+    rows = []
+    for k in range(3):
+        (root / "library" / f"doc{k}.html").write_text(
+            DOC_HTML.format(n=k + 1, more=para * 4), encoding="utf-8"
+        )
+        rows.append({"doc": f"python/library/doc{k}", "lang": "en", "source": "python3.11-doc"})
+    rows.append({"doc": "python/library/doc0", "lang": "fr", "source": "python3.11-doc"})
+    rows.append({"doc": "python/library/gone", "lang": "en", "source": "python3.11-doc"})
+    corpus = tmp_path / "heldout.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({**r, "group": r["doc"], "text": "x"}) + "\n" for r in rows)
+    )
+    return corpus, {"python3.11-doc": str(root)}
+
+
+def test_build_markdown_set_ground_truth_is_the_page_markdown(md_corpus, tmp_path):
+    from dsocr.eval.datasets import build_markdown_set
+    from dsocr.render import PageStyle, render_markdown
+
+    corpus, roots = md_corpus
+    out = tmp_path / "rendered-md-en"
+    m = build_markdown_set(out, corpus, n_pages=2, seed=0, roots=roots)
+    pages = load_pages(m)
+    assert len(pages) == 2
+    rows = [json.loads(line) for line in m.read_text().splitlines()]
+    style = PageStyle(font="sans", font_size=16, width=816, height=1056)
+    for page, row in zip(pages, rows):
+        assert row["lang"] == "en" and row["doc"].startswith("python/library/doc")
+        assert row["source"].endswith(row["doc"].removeprefix("python/") + ".html")
+        (drawn,) = render_markdown(page.text, style)
+        assert drawn.text == page.text  # ground truth == the renderer's page text
+        assert drawn.image.convert("RGB").tobytes() == page.load_image().tobytes()
+        assert {"heading", "list", "table", "code"} <= set(row["structure"])
+        assert "```" in page.text and "| --- |" in page.text and "\n- " in page.text
+    again = build_markdown_set(tmp_path / "again", corpus, n_pages=2, seed=0, roots=roots)
+    assert again.read_text() == m.read_text()  # deterministic for a seed
+
+
+def test_build_script_builds_or_skips_rendered_md(md_corpus, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import dsocr.eval.datasets as ds
+
+    spec = importlib.util.spec_from_file_location(
+        "build_eval_sets", Path(__file__).parent.parent / "scripts" / "build_eval_sets.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    corpus, roots = md_corpus
+    argv = ["--sets", "rendered-md-en", "--out", str(tmp_path / "eval"), "--corpus", str(corpus)]
+    monkeypatch.setattr(ds, "HTML_ROOTS", {"python3.11-doc": str(tmp_path / "none")})
+    assert script.main([*argv, "--rendered", "2"]) == 1
+    assert "skip rendered-md-en" in capsys.readouterr().err
+    monkeypatch.setattr(ds, "HTML_ROOTS", roots)
+    assert script.main([*argv, "--rendered", "2"]) == 0
+    assert len(load_pages(tmp_path / "eval" / "rendered-md-en")) == 2

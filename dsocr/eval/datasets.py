@@ -29,10 +29,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -504,3 +506,514 @@ def build_rendered_set(
             if r.get("lang") == lang:
                 texts.append((f"{r['source']}:{r['doc']}", r["text"]))
     return write_set(out_dir, rendered_pages(texts, n_pages, seed=seed), lang=lang)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendered HTML documentation pages with their Markdown as ground truth (structure)
+
+# Where the corpus's HTML came from (scripts/build_corpus.py sources()): corpus "source" field
+# -> installed folder. A row's "doc" id names its file inside that folder (doc_html_path).
+HTML_ROOTS = {
+    "debian-handbook": "/usr/share/doc/debian-handbook/html",
+    "debian-reference": "/usr/share/debian-reference",
+    "python3.11-doc": "/usr/share/doc/python3.11/html",
+}
+STRUCTURE = ("heading", "list", "table", "code")  # block kinds a rendered-md page is scored on
+
+# Page chrome of the three documentation styles, dropped with everything inside: Sphinx
+# (python3.11-doc) sidebars, related-links bars, footer and mobile menu; DocBook (debian-
+# reference) navheader/navfooter tables and tables of contents; Publican (debian-handbook)
+# "Download the ebook" banner, logo bar and Prev/Next docnav lists; heading permalinks ("¶").
+_SKIP_TAGS = {
+    "head", "script", "style", "nav", "header", "footer", "noscript", "form", "svg",
+    "button", "select", "textarea", "img", "map", "iframe", "object",
+}  # fmt: skip
+_SKIP_CLASSES = {
+    "navheader", "navfooter", "docnav", "toc", "sphinxsidebar", "related", "footer",
+    "mobile-nav", "menu-wrapper", "headerlink", "indexterm", "inline-search", "clearer",
+    "version_switcher_placeholder", "language_switcher_placeholder", "toc-backref",
+}  # fmt: skip
+_SKIP_IDS = {"banner", "title", "searchbox"}
+_VOID = {
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+    "source", "track", "wbr",
+}  # fmt: skip
+_BLOCKS = {
+    "p", "div", "section", "article", "main", "blockquote", "dl", "dt", "dd", "figure",
+    "figcaption", "caption", "center", "address", "aside", "hr", "br",
+}  # fmt: skip
+_CODE_TAGS = {"code", "tt", "kbd", "samp"}
+_LAYOUT_TABLES = {"tip", "note", "caution", "warning", "important"}  # DocBook admonition tables
+_MD_INLINE = re.compile(r"\*\*|__|`|\\(?=[\\`*_#|\[\]()>+\-.!~])")
+_MD_LEAD = re.compile(r"(#{1,6}(?:\s|$)|[-*+>](?:\s|$)|\d{1,9}([.)])(?:\s|$)|`{3}|~{3}|[-*_]{3})")
+
+
+def _escape_md(text: str, cell: bool = False) -> str:
+    """Plain text as Markdown the renderer draws literally: ``**``, ``__``, backticks and
+    backslash escapes get a backslash (a table cell's ``|`` too)."""
+    text = _MD_INLINE.sub(lambda m: "".join("\\" + c for c in m.group(0)), text)
+    return text.replace("|", "\\|") if cell else text
+
+
+def _code_span(code: str) -> str:
+    """``code`` as an inline code span (more backticks than it holds; empty -> "")."""
+    code = code.strip()
+    if not code:
+        return ""
+    ticks = "`" * (max((len(r) for r in re.findall("`+", code)), default=0) + 1)
+    return f"{ticks}{code}{ticks}" if len(ticks) == 1 else f"{ticks} {code} {ticks}"
+
+
+@dataclass
+class MdBlock:
+    """One Markdown block of a converted page: kind is "para", "heading", "list", "table" or
+    "code"; md its Markdown (one line, except tables and code). List items of one list follow
+    each other with a single newline (``tight``), every other block after a blank line."""
+
+    kind: str
+    md: str
+    tight: bool = False
+
+
+class _HtmlToMd(HTMLParser):
+    """HTML -> MdBlocks; see :func:`html_to_markdown`."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.blocks: list[MdBlock] = []
+        self.stack: list[tuple[str, bool]] = []  # open elements: (tag, starts a skipped subtree)
+        self.skip = 0
+        self.inline: list[tuple[str, bool]] = []  # (text, is code) of the block being read
+        self.code = 0  # open inline code elements
+        self.pre: list[str] | None = None  # text of an open <pre>
+        self.heading = 0  # level of an open h1-h6
+        self.lists: list[list] = []  # open ul/ol: [ordered, items so far]
+        self.li_open = False  # an <li> whose text is not yet written
+        self.tables: list[list] = []  # open data tables: rows of cells (lists of pieces)
+        self.layout_tables = 0
+        self.cell_open = False  # a td/th of the innermost data table is being read
+
+    # -- structure
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        classes = set((a.get("class") or "").split())
+        skip = (
+            tag in _SKIP_TAGS
+            or bool(classes & _SKIP_CLASSES)
+            or a.get("id") in _SKIP_IDS
+            or (tag == "div" and a.get("role") == "navigation")
+        )
+        if tag not in _VOID:
+            self.stack.append((tag, skip))
+        if skip:
+            if tag not in _VOID:
+                self.skip += 1
+            return
+        if self.skip:
+            return
+        if self.pre is not None:
+            return
+        if self.tables and tag not in ("table", "tr", "td", "th"):
+            if tag in _BLOCKS or tag in ("li", "pre", "ul", "ol") or tag[:1] == "h":
+                self.inline.append((" ", False))
+            if tag in _CODE_TAGS:
+                self.code += 1
+            return
+        if tag == "table":
+            if (a.get("summary") or "").lower() in _LAYOUT_TABLES or classes & _LAYOUT_TABLES:
+                self.layout_tables += 1
+                self.stack[-1] = ("table-layout", False)
+                self.flush()
+                return
+            self.flush()
+            self.tables.append([])
+        elif tag in ("tr", "td", "th"):
+            if not self.tables:
+                self.flush()
+            elif tag != "tr":
+                self._end_cell()  # an unclosed cell before this one
+                self.inline, self.cell_open = [], True
+        elif tag in ("h1", "h2", "h3", "h4", "h5", "h6"):
+            self.flush()
+            self.heading = int(tag[1])
+        elif tag in ("ul", "ol"):
+            self.flush()
+            self.lists.append([tag == "ol", 0])
+        elif tag == "li":
+            self.flush()
+            if self.lists:
+                self.lists[-1][1] += 1
+            self.li_open = True
+        elif tag == "pre":
+            self.flush()
+            self.pre = []
+        elif tag in _CODE_TAGS:
+            self.code += 1
+        elif tag in _BLOCKS:
+            self.flush()
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in _VOID:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag):
+        if tag in _VOID:
+            return
+        names = [t for t, _ in self.stack]
+        key = "table-layout" if tag == "table" and names and names[-1] == "table-layout" else tag
+        if key not in names:
+            return  # a stray end tag
+        while self.stack:  # close what the HTML left open inside this element too
+            t, skip = self.stack.pop()
+            if skip:
+                self.skip -= 1
+            elif not self.skip:
+                self._close(t)
+            if t == key:
+                break
+
+    def _close(self, tag):
+        if self.pre is not None:
+            if tag == "pre":
+                self._emit_code("".join(self.pre))
+                self.pre = None
+            return
+        if tag in _CODE_TAGS:
+            self.code = max(0, self.code - 1)
+        elif tag == "table-layout":
+            self.flush()
+            self.layout_tables -= 1
+        elif self.tables:
+            if tag == "table":
+                self._emit_table(self.tables.pop())
+            elif tag in ("td", "th"):
+                self._end_cell()
+            elif tag == "tr":
+                self._end_cell()
+                self.tables[-1].append(None)  # row end
+            elif tag in _BLOCKS or tag in ("li", "pre") or tag[:1] == "h":
+                self.inline.append((" ", False))
+        elif tag in ("h1", "h2", "h3", "h4", "h5", "h6"):
+            self.flush()
+            self.heading = 0
+        elif tag in ("ul", "ol"):
+            self.flush()
+            if self.lists:
+                self.lists.pop()
+        elif tag == "li" or tag in _BLOCKS:
+            self.flush()
+            if tag == "li":
+                self.li_open = False
+
+    def handle_data(self, data):
+        if self.skip:
+            return
+        if self.pre is not None:
+            self.pre.append(data)
+        else:
+            self.inline.append((data, self.code > 0))
+
+    # -- output
+
+    def _inline_md(self, cell: bool = False) -> str:
+        """The pieces read since the last block as one line of Markdown, whitespace collapsed."""
+        out, i, pieces = [], 0, self.inline
+        while i < len(pieces):
+            j = i
+            while j < len(pieces) and pieces[j][1] == pieces[i][1]:
+                j += 1
+            text = re.sub(r"\s+", " ", "".join(p for p, _ in pieces[i:j]))
+            if pieces[i][1]:
+                lead = " " if text[:1] == " " else ""
+                trail = " " if text[-1:] == " " and text.strip() else ""
+                out.append(lead + _code_span(text) + trail)
+            else:
+                out.append(_escape_md(text, cell))
+            i = j
+        self.inline = []
+        return re.sub(r" {2,}", " ", "".join(out)).replace("¶", "").strip()
+
+    def _add(self, kind: str, md: str, tight: bool = False) -> None:
+        self.blocks.append(MdBlock(kind, md, tight))
+
+    def flush(self) -> None:
+        """End the block being read (heading, list item or paragraph)."""
+        if self.tables:
+            return
+        text = self._inline_md()
+        if not text:
+            return
+        if self.heading:
+            self._add("heading", "#" * self.heading + " " + text)
+        elif self.lists and self.li_open:
+            ordered, number = self.lists[-1]
+            marker = f"{number}." if ordered else "-"
+            prev = self.blocks[-1] if self.blocks else None
+            self._add(
+                "list",
+                "  " * (len(self.lists) - 1) + f"{marker} {text}",
+                bool(prev and prev.kind == "list"),
+            )
+            self.li_open = False  # more text in this item: a paragraph of its own
+        else:
+            if _MD_LEAD.match(text):
+                text = "\\" + text  # would start a block: drawn literally
+            self._add("para", text)
+
+    def _end_cell(self) -> None:
+        if self.cell_open:
+            self.tables[-1].append(self._inline_md(cell=True))
+        self.inline, self.cell_open = [], False
+
+    def _emit_table(self, cells: list) -> None:
+        rows, row = [], []
+        for c in cells:
+            if c is None:
+                if row:
+                    rows.append(row)
+                row = []
+            else:
+                row.append(c or " ")
+        if row:
+            rows.append(row)
+        rows = [r for r in rows if any(c.strip() for c in r)]
+        if not rows:
+            return
+        ncol = max(len(r) for r in rows)
+        rows = [r + [" "] * (ncol - len(r)) for r in rows]
+        if ncol == 1:  # one column: not a table the renderer draws as one; paragraphs
+            for r in rows:
+                self._add("para", r[0])
+            return
+        lines = ["| " + " | ".join(c.strip() or " " for c in r) + " |" for r in rows]
+        lines.insert(1, "|" + "|".join(" --- " for _ in range(ncol)) + "|")
+        if self.tables:  # a table inside a table cell: its text joins the cell
+            self.inline.append((" ".join(" ".join(r) for r in rows), False))
+            return
+        self._add("table", "\n".join(lines))
+
+    def _emit_code(self, code: str) -> None:
+        code = code.replace("\r\n", "\n").replace("\r", "\n").expandtabs(4)
+        lines = [ln.rstrip() for ln in code.split("\n")]
+        while lines and not lines[0]:
+            lines.pop(0)
+        while lines and not lines[-1]:
+            lines.pop()
+        if not lines:
+            return
+        fence = "`" * max(3, max((len(r) for r in re.findall("`{3,}", code)), default=0) + 1)
+        if self.tables:
+            self.inline.append((" ".join(lines), True))
+            return
+        self._add("code", "\n".join([fence, *lines, fence]))
+
+
+def html_to_blocks(html: str) -> list[MdBlock]:
+    """HTML -> the Markdown blocks of :func:`html_to_markdown`."""
+    p = _HtmlToMd()
+    p.feed(html)
+    p.close()
+    p.flush()
+    return p.blocks
+
+
+def join_blocks(blocks: list[MdBlock]) -> str:
+    """Blocks -> Markdown: a blank line between blocks, one newline inside a list."""
+    out = []
+    for k, b in enumerate(blocks):
+        if k:
+            out.append("\n" if b.tight and b.kind == "list" else "\n\n")
+        out.append(b.md)
+    return "".join(out)
+
+
+def html_to_markdown(html: str) -> str:
+    """Documentation HTML (Sphinx, DocBook, Publican as Debian installs them) -> the light
+    Markdown that :func:`dsocr.render.render_markdown` draws.
+
+    h1-h6 -> ``#``..``######``; p/div -> paragraphs; ul/ol/li -> ``- `` / ``1. `` items,
+    two spaces of indent per nesting level; pre -> fenced code blocks (tabs expanded to 4);
+    code/tt/kbd/samp -> `code`; tables -> pipe tables (first row the header; nested blocks in a
+    cell flattened into it; one-column and admonition-layout tables become paragraphs). Page
+    chrome (navigation bars, sidebars, tables of contents, banners, footers, permalinks,
+    images) is dropped. Everything else becomes plain text, escaped where the renderer would
+    read it as Markdown. Emphasis is not kept.
+    """
+    return join_blocks(html_to_blocks(html))
+
+
+def doc_html_path(doc: str, source: str, roots: dict | None = None) -> Path:
+    """The HTML file a corpus row came from: its ``doc`` id and ``source`` package (the naming
+    of scripts/build_corpus.py ``sources()``), under ``roots`` (default :data:`HTML_ROOTS`)."""
+    roots = HTML_ROOTS if roots is None else roots
+    if source not in roots:
+        raise ValueError(f"{doc}: unknown source {source!r} (known: {sorted(roots)})")
+    root = Path(roots[source])
+    kind, _, rest = doc.partition("/")
+    if kind == "reference":
+        lang, _, name = rest.partition("/")
+        return root / f"{name}.{lang}.html"
+    if kind in ("handbook", "python") and rest:
+        return root / f"{rest}.html"
+    raise ValueError(f"{doc}: not a corpus document id (handbook/..., reference/..., python/...)")
+
+
+def _page_structure(blocks: list[MdBlock]) -> list[str]:
+    kinds = {b.kind for b in blocks}
+    return [k for k in STRUCTURE if k in kinds]
+
+
+def markdown_page(blocks: list[MdBlock], style) -> tuple[Image.Image, str, int] | None:
+    """Render ``blocks`` from the first; keep the whole blocks that fit on one page.
+
+    Returns (image, page text, blocks used), page text == the Markdown drawn on the page (the
+    renderer's ``page.text``); None when not even the first block fits on a page.
+    """
+    from dsocr.render import render_markdown
+
+    md = join_blocks(blocks)
+    pages = render_markdown(md, style)
+    used = len(blocks)
+    if len(pages) > 1:
+        room = len(pages[0].text)
+        used = 0
+        while used < len(blocks) and len(join_blocks(blocks[: used + 1])) <= room:
+            used += 1
+        while used > 1 and blocks[used - 1].kind == "heading":
+            used -= 1  # a heading at the foot of the page belongs with what follows it
+        if not used:
+            return None
+        pages = render_markdown(join_blocks(blocks[:used]), style)
+        while len(pages) > 1 and used > 1:  # not expected: a prefix lays out the same
+            used -= 1
+            pages = render_markdown(join_blocks(blocks[:used]), style)
+        if len(pages) > 1:
+            return None
+    return pages[0].image.convert("RGB"), pages[0].text, used
+
+
+def _drop_missing(blocks: list[MdBlock]) -> list[MdBlock]:
+    from dsocr.render import missing_chars
+
+    bad = set(missing_chars("".join(b.md for b in blocks)))
+    if not bad:
+        return blocks
+    out = []
+    for b in blocks:
+        md = "".join(c for c in b.md if c not in bad)
+        if md.strip():
+            out.append(MdBlock(b.kind, md, b.tight))
+    return out
+
+
+def markdown_pages(
+    docs: list[tuple[str, str, str]],
+    n_pages: int,
+    seed: int = 0,
+    *,
+    tries: int = 6,
+    max_chars: int = 4000,
+    min_chars: int = 300,
+) -> list[tuple]:
+    """(doc id, source, HTML) triples -> up to ``n_pages`` rendered Markdown pages, one per
+    document, as :func:`write_set` items (id, image, page text, source, extra fields).
+
+    Documents are put in a seeded order. For each, up to ``tries`` seeded start blocks
+    (headings first) are rendered (sans 16 px, 816x1056, as rendered-en) and the page with the
+    most kinds of structure (:data:`STRUCTURE`; lists, tables and code before headings) is
+    kept. The set takes the first page with a table, a list, code and a heading (where there
+    is one), then pages with lists/tables/code, then heading-only pages, then pages without
+    structure, in that order, and lists them in the seeded order. Characters no shipped font
+    has are dropped.
+    """
+    from dsocr.render import PageStyle
+
+    rng = random.Random(seed)
+    style = PageStyle(font="sans", font_size=16, width=816, height=1056)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    cands = []
+    for i in order:
+        doc, source, html = docs[i]
+        blocks = _drop_missing(html_to_blocks(html))
+        if sum(len(b.md) for b in blocks) < min_chars:
+            continue
+        heads = [k for k, b in enumerate(blocks) if b.kind == "heading"]
+        others = [k for k, b in enumerate(blocks) if b.kind != "heading" and not b.tight]
+        starts = rng.sample(heads, min(tries, len(heads)))
+        if len(starts) < tries:
+            starts += rng.sample(others, min(tries - len(starts), len(others)))
+        best = None
+        for s in sorted(set(starts)):
+            chunk, size = [], 0
+            for b in blocks[s:]:
+                if chunk and size + len(b.md) > max_chars:
+                    break
+                chunk.append(b)
+                size += len(b.md) + 2
+            if chunk and chunk[0].tight:
+                chunk[0] = MdBlock(chunk[0].kind, chunk[0].md.lstrip(), False)
+            got = markdown_page(chunk, style)
+            if got is None or len(got[1].strip()) < min_chars:
+                continue
+            structure = _page_structure(chunk[: got[2]])
+            score = (len([k for k in structure if k != "heading"]), len(structure))
+            if best is None or score > best[0]:
+                best = (score, s, got[0], got[1], structure)
+        if best is None:
+            continue
+        _, s, image, text, structure = best
+        extra = {"doc": doc, "first_block": s, "structure": structure}
+        cands.append((image, text, source, extra))
+    # Every kind of structure on at least one page where possible (rarest first), then pages
+    # with lists/tables/code, then headings only, then the rest; seeded order within each tier.
+    chosen = []
+    for kind in ("table", "list", "code", "heading"):
+        hit = next((c for c in cands if kind in c[3]["structure"] and c not in chosen), None)
+        if hit is not None and len(chosen) < n_pages:
+            chosen.append(hit)
+    for tier in (lambda st: set(st) - {"heading"}, bool, lambda st: True):
+        chosen += [c for c in cands if c not in chosen and tier(c[3]["structure"])]
+    chosen = sorted(chosen[:n_pages], key=cands.index)
+    return [(f"md-{k:03d}", im, text, src, ex) for k, (im, text, src, ex) in enumerate(chosen)]
+
+
+def build_markdown_set(
+    out_dir: str | os.PathLike,
+    corpus: str | os.PathLike = "data/corpus/heldout.jsonl",
+    n_pages: int = 10,
+    seed: int = 0,
+    *,
+    lang: str = "en",
+    roots: dict | None = None,
+) -> Path:
+    """Render ``n_pages`` pages of held-out HTML documentation as light Markdown (fixed seed).
+
+    The documents are the ``lang`` rows of the held-out corpus split; each row's HTML file
+    (:func:`doc_html_path`) is converted with :func:`html_to_markdown` and rendered by
+    :func:`markdown_pages`. Ground truth = the Markdown on the page. Manifest rows add ``doc``,
+    ``first_block`` (index of the page's first block) and ``structure`` (which of heading,
+    list, table, code the page has). FileNotFoundError when none of the HTML is installed.
+    """
+    docs, missing = [], []
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r.get("lang") != lang:
+                continue
+            path = doc_html_path(r["doc"], r["source"], roots)
+            if not path.is_file():
+                missing.append(str(path))
+                continue
+            docs.append((r["doc"], str(path), path.read_text(encoding="utf-8", errors="replace")))
+    if not docs:
+        hint = f" (e.g. {missing[0]})" if missing else ""
+        raise FileNotFoundError(f"{corpus}: no {lang!r} held-out HTML source is installed{hint}")
+    items = markdown_pages(docs, n_pages, seed=seed)
+    if not items:
+        raise ValueError(f"{corpus}: no held-out {lang!r} document gave a page")
+    return write_set(out_dir, items, lang=lang)
