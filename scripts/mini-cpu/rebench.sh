@@ -10,9 +10,9 @@ set -euo pipefail
 # shipped with an explicit --default-mode tiny before that rule existed).
 python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
 python bench/mini.py --pages 32 --table2-pages 1 --pdf-pages 5
-# every eval set scripts/build_eval_sets.py built (rendered-en, pdf-debref-<lang> from held-out text)
+# every eval set scripts/build_eval_sets.py built (rendered-en, rendered-md-en, pdf-debref-<lang>)
 sets=()
-for d in data/eval/rendered-en data/eval/pdf-debref-*; do [ -d "$d" ] && sets+=(--dataset "$d"); done
+for d in data/eval/rendered-en data/eval/rendered-md-en data/eval/pdf-debref-*; do [ -d "$d" ] && sets+=(--dataset "$d"); done
 dsocr eval --model dsocr-mini --mode tiny,small,base --max-new-tokens 512 "${sets[@]}" \
     --peers tesseract,rapidocr -o docs/benchmarks/eval.md --json docs/benchmarks/eval.json
 python bench/compression.py --pages-per-bucket 1 --scrambled 2 --long-tokens 2000
