@@ -696,7 +696,9 @@ def test_cli_prints_the_summary_when_interrupted(ocr, tmp_path, capsys, monkeypa
     model = ocr
 
     def interrupted_convert(inputs, ocr=None, out_dir=None, **kw):  # noqa: ARG001
-        conv = Converter(model, opts(), out_dir, engine=FakeEngine(interrupt_on="second"))
+        # batch 1: the first page is finished before the second is added (and interrupts)
+        engine = FakeEngine(interrupt_on="second")
+        conv = Converter(model, opts(batch_size=1), out_dir, engine=engine)
         return conv.convert(inputs, on_document=kw.get("on_document"))
 
     monkeypatch.setattr(convert_mod, "convert", interrupted_convert)
