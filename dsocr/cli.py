@@ -22,7 +22,7 @@ def _dtype(name: str | None):
 def cmd_ocr(args) -> int:
     from dsocr.api import check_prompt, first_page, load_model, model_defaults
     from dsocr.language.tokenizer import PROMPTS
-    from dsocr.pipeline.providers import InputError
+    from dsocr.pipeline.providers import InputError, printable
 
     _check_number("--max-new-tokens", args.max_new_tokens)  # flags before the model loads
     defaults = model_defaults(args.model)
@@ -32,7 +32,7 @@ def cmd_ocr(args) -> int:
     ocr = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     status = 0
     for path in args.images:  # stdout: the text (and headers); notices and errors: stderr
-        name = _printable(path)
+        name = printable(path)
         try:
             page = first_page(path)
             res = ocr.run(page.image, prompt, mode=mode, max_new_tokens=args.max_new_tokens)
@@ -61,28 +61,6 @@ def cmd_ocr(args) -> int:
     return status
 
 
-def _printable(value) -> str:
-    """A path or name on one terminal line: control characters (a newline in a file name)
-    shown as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in str(value))
-
-
-def _read_summary(out):
-    """The run's ``OUT/.dsocr/summary.json`` as a BatchSummary (None if missing/unreadable)."""
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from dsocr.pipeline.workspace import META_DIR, BatchSummary
-
-    try:
-        data = json.loads((Path(out) / META_DIR / "summary.json").read_text(encoding="utf-8"))
-        names = {f.name for f in dataclasses.fields(BatchSummary)}
-        return BatchSummary(**{k: v for k, v in data.items() if k in names})
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     """Warnings on one line, as the errors are (no source file or code line)."""
     return f"dsocr: warning: {message}\n"
@@ -91,6 +69,7 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 def cmd_convert(args) -> int:
     from dsocr.distributed import RayUnavailable
     from dsocr.pipeline.convert import convert
+    from dsocr.pipeline.providers import printable
     from dsocr.pipeline.workspace import BatchSummary, OutputError
     from dsocr.vllm_backend import BackendUnavailable
 
@@ -99,7 +78,7 @@ def cmd_convert(args) -> int:
             print(f"dsocr: error: {doc.error}", file=sys.stderr)
         else:
             print(
-                f"{doc.status}: {_printable(doc.source)} -> {_printable(doc.folder)} "
+                f"{doc.status}: {printable(doc.source)} -> {printable(doc.folder)} "
                 f"({len(doc.pages)} pages, {len(doc.flagged_pages)} flagged)",
                 file=sys.stderr,
             )
@@ -152,7 +131,7 @@ def cmd_convert(args) -> int:
         print(f"dsocr: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        saved = _read_summary(args.out)
+        saved = BatchSummary.read(args.out)
         if saved is not None:
             print(saved.format(), file=sys.stderr)
         print("dsocr: interrupted; finished documents are kept, rerun to resume", file=sys.stderr)

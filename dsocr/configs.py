@@ -630,10 +630,16 @@ def load_config(folder: str | Path) -> DeepseekOCRConfig:
         raise CheckpointError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a checkpoint folder)")
+    data = read_json(path, lambda e: f"unreadable config.json: {e}")
+    return config_from_json(data, str(path))
+
+
+def read_json(path: Path, unreadable):
+    """``path`` parsed as JSON (read as bytes: JSON's own encodings). CheckpointError naming it
+    when it cannot be read, or ``unreadable(error)`` as the reason when it is not JSON."""
     try:
-        data = json.loads(path.read_bytes())
+        return json.loads(path.read_bytes())
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable config.json: {e}") from None
-    return config_from_json(data, str(path))
+        raise CheckpointError(f"{path}: {unreadable(e)}") from None

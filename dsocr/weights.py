@@ -17,14 +17,19 @@ Gotcha: safetensors cannot store tensors that share memory; we save contiguous c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsocr.configs import CheckpointError, DeepseekOCRConfig, config_to_json, load_config
+from dsocr.configs import (
+    CheckpointError,
+    DeepseekOCRConfig,
+    config_to_json,
+    load_config,
+    read_json,
+)
 from dsocr.fileio import atomic_write_json, atomic_write_with
 from dsocr.model import DeepseekOCRForCausalLM, build_model
 
@@ -51,12 +56,7 @@ __all__ = [
 def _read_index(path: Path) -> list[str]:
     """The shard file names of an index (its ``weight_map`` values), checked: a JSON object
     whose ``weight_map`` maps tensor names to plain file names inside the folder."""
-    try:
-        index = json.loads(path.read_bytes())
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable index ({e})") from None
+    index = read_json(path, lambda e: f"unreadable index ({e})")
     if not isinstance(index, dict) or "weight_map" not in index:
         raise CheckpointError(f'{path}: unreadable index (no "weight_map" object)')
     weight_map = index["weight_map"]

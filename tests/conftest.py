@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny config with seeded random weights, and small test-only modes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,3 +25,42 @@ def tiny_cfg():
 def tiny_model(tiny_cfg):
     torch.manual_seed(0)
     return build_model(tiny_cfg, seed=0).eval()
+
+
+def text_pdf(
+    path: Path,
+    pages: list[str | list[str]],
+    font_size: int = 24,
+    leading: int | None = None,
+    top: int = 700,
+) -> Path:
+    """A minimal hand-written PDF with a real text layer and a correct xref: one Letter page per
+    entry of ``pages``, a string or a list of lines (Helvetica ``font_size`` pt, lines ``leading``
+    pt apart, the first at ``top`` pt)."""
+    n = len(pages)
+    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(n))
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    tl = f" {leading} TL" if leading is not None else ""
+    for i, lines in enumerate(pages):
+        body = " T* ".join(f"({x}) Tj" for x in ([lines] if isinstance(lines, str) else lines))
+        stream = f"BT /F1 {font_size} Tf{tl} 72 {top} Td {body} ET".encode()
+        objs.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {5 + 2 * i} 0 R "
+            f"/Resources << /Font << /F1 3 0 R >> >> >>".encode()
+        )
+        objs.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for k, body in enumerate(objs, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % k + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path

@@ -11,6 +11,7 @@ import math
 import shlex
 
 import pytest
+from conftest import text_pdf
 from PIL import Image
 
 import dsocr
@@ -302,33 +303,8 @@ def test_datasets_with_the_same_name_are_refused(tmp_path):
 
 
 def lines_pdf(path, pages: list[list[str]]):
-    """A minimal hand-written PDF, one Letter page per list of lines (Helvetica 10 pt)."""
-    n = len(pages)
-    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(n))
-    objs = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode(),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    for i, lines in enumerate(pages):
-        body = " T* ".join(f"({x}) Tj" for x in lines)
-        stream = f"BT /F1 10 Tf 14 TL 72 740 Td {body} ET".encode()
-        objs.append(
-            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {5 + 2 * i} 0 R "
-            f"/Resources << /Font << /F1 3 0 R >> >> >>".encode()
-        )
-        objs.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for k, body in enumerate(objs, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % k + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
-    path.write_bytes(bytes(out))
-    return path
+    """One Letter page per list of lines (Helvetica 10 pt)."""
+    return text_pdf(path, pages, font_size=10, leading=14, top=740)
 
 
 def _sentence(tag, k):

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import text_pdf
 from PIL import Image
 
 from dsocr.pipeline.providers import (
@@ -34,35 +35,6 @@ def blank_pdf(path: Path, n: int, size=(612, 792)) -> Path:
         pdf.new_page(*size)
     pdf.save(str(path))
     pdf.close()
-    return path
-
-
-def text_pdf(path: Path, texts: list[str]) -> Path:
-    """A minimal hand-written PDF: one Letter page per text, Helvetica 24 pt, correct xref."""
-    n = len(texts)
-    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(n))
-    objs = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode(),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    for i, text in enumerate(texts):
-        stream = f"BT /F1 24 Tf 72 700 Td ({text}) Tj ET".encode()
-        objs.append(
-            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {5 + 2 * i} 0 R "
-            f"/Resources << /Font << /F1 3 0 R >> >> >>".encode()
-        )
-        objs.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for k, body in enumerate(objs, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % k + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
-    path.write_bytes(bytes(out))
     return path
 
 

@@ -453,6 +453,14 @@ def build_pdf_set(
     return write_set(out_dir, items, lang=lang)
 
 
+def rendered_page_style():
+    """The style of the rendered sets (rendered-en and rendered-md-en): sans 16 px on 816x1056,
+    US Letter at 96 dpi."""
+    from dsocr.render import PageStyle
+
+    return PageStyle(font="sans", font_size=16, width=816, height=1056)
+
+
 def rendered_pages(
     texts: list[tuple[str, str]], n_pages: int, seed: int = 0, chars_per_page: int = 1500
 ) -> list[tuple[str, Image.Image, str, str]]:
@@ -462,10 +470,10 @@ def rendered_pages(
     line boundary, rendered with a fixed style (sans 16 px, 816x1056 = US Letter at 96 dpi).
     Characters no shipped font has are dropped before rendering.
     """
-    from dsocr.render import PageStyle, missing_chars, render_text
+    from dsocr.render import missing_chars, render_text
 
     rng = random.Random(seed)
-    style = PageStyle(font="sans", font_size=16, width=816, height=1056)
+    style = rendered_page_style()
     order = list(range(len(texts)))
     rng.shuffle(order)
     items = []
@@ -928,10 +936,8 @@ def markdown_pages(
     structure, in that order, and lists them in the seeded order. Characters no shipped font
     has are dropped.
     """
-    from dsocr.render import PageStyle
-
     rng = random.Random(seed)
-    style = PageStyle(font="sans", font_size=16, width=816, height=1056)
+    style = rendered_page_style()
     order = list(range(len(docs)))
     rng.shuffle(order)
     cands = []

@@ -57,11 +57,13 @@ class InputError(Exception):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
         self.reason = " ".join(str(reason).split())
-        super().__init__(f"{_printable(self.path)}: {self.reason}")
+        super().__init__(f"{printable(self.path)}: {self.reason}")
 
 
-def _printable(s: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in s)
+def printable(value) -> str:
+    """``str(value)`` on one terminal line: control characters (a newline in a file name) shown
+    as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
 
 
 @dataclass
@@ -169,7 +171,7 @@ def _select(path, pages: str | Sequence[int] | None, n: int) -> list[int]:
                     raise InputError(path, str(e)) from None
         finally:
             for w in caught:  # say which document a clipped range belongs to
-                warnings.warn(f"{_printable(str(path))}: {w.message}", w.category, stacklevel=3)
+                warnings.warn(f"{printable(path)}: {w.message}", w.category, stacklevel=3)
     bad = [i for i in pages if not 0 <= int(i) < n]
     if bad:
         raise InputError(path, f"page indices {bad} out of range for {n} pages (0-based)")

@@ -37,7 +37,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ META_DIR = ".dsocr"
 # This machine in staging-folder names: "h" + 8 hex digits of its host name's hash.
 HOST_TAG = "h" + sha256_text(socket.gethostname())[:8]
 MARKER_VERSION = 1
+SUMMARY_FILE = "summary.json"  # OUT/.dsocr/summary.json
 
 
 class OutputError(OSError):
@@ -231,7 +232,7 @@ class Workspace:
         return final
 
     def write_summary(self, summary: BatchSummary) -> Path:
-        path = self.meta / "summary.json"
+        path = self.meta / SUMMARY_FILE
         try:
             atomic_write_json(path, summary.to_json())
         except OSError as e:
@@ -340,6 +341,17 @@ class BatchSummary:
             wall_s = max(ends) - min(starts) if starts and ends else 0.0
         s.wall_s = max(0.0, wall_s)
         return s
+
+    @classmethod
+    def read(cls, out_dir: str | os.PathLike) -> BatchSummary | None:
+        """The last run's summary from ``OUT/.dsocr/summary.json`` (None if missing/unreadable);
+        the derived fields of ``to_json`` are dropped."""
+        names = {f.name for f in fields(cls)}
+        try:
+            data = json.loads((Path(out_dir) / META_DIR / SUMMARY_FILE).read_text(encoding="utf-8"))
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
 
     def to_json(self) -> dict:
         d = asdict(self)
