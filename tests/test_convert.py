@@ -445,6 +445,22 @@ def test_convert_file_raises_the_input_error(ocr, tmp_path):
         convert_file(bad, ocr)
 
 
+def test_convert_of_one_file_returns_its_document(ocr, tmp_path):
+    """One file path -> its Document (a failure raises); a folder or a glob -> a list."""
+    (tmp_path / "in").mkdir()
+    src = png(tmp_path / "in" / "page.png")
+    doc = convert(str(src), ocr, mode=TEST_BASE, max_new_tokens=2, batch_size=1)
+    assert isinstance(doc, Document) and doc.status == "converted" and len(doc.pages) == 1
+    assert convert(src, ocr, mode=TEST_BASE, max_new_tokens=2).pages[0].raw == doc.pages[0].raw
+    for many in (tmp_path / "in", str(tmp_path / "in" / "*.png"), [src]):
+        (d,) = convert(many, ocr, mode=TEST_BASE, max_new_tokens=2, batch_size=1)
+        assert d.pages[0].raw == doc.pages[0].raw
+    with pytest.raises(InputError, match="missing.png"):
+        convert(tmp_path / "missing.png", ocr)
+    (failed,) = convert([tmp_path / "missing.png"], ocr)
+    assert failed.status == "failed" and "missing.png" in failed.error
+
+
 def test_output_names_cannot_escape(tmp_path):
     ws = Workspace(tmp_path / "out")
     for stem in ("..", "../x", "a/b", ".dsocr", ""):

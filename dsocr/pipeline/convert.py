@@ -1059,10 +1059,13 @@ def convert(
     on_page: Callable[[Document, PageResult], None] | None = None,
     cancel: threading.Event | None = None,
     **options,
-) -> list[Document]:
-    """Convert files, folders and globs; returns one Document per input file, in input order.
+) -> Document | list[Document]:
+    """Convert files, folders and globs; one path to one file returns its Document.
 
-    ``ocr`` is a loaded ``OCR`` or a model source for ``dsocr.load_model`` (a checkpoint folder,
+    A single file path (a ``str`` or ``PathLike`` that is not a folder or a glob) returns its
+    :class:`Document` and raises its ``InputError`` / ``OutputError`` if it fails. Anything else
+    (a list, a folder, a glob) returns one Document per input file, in input order, failed ones
+    included (``doc.status``, ``doc.error``). ``ocr`` is a loaded ``OCR`` or a model source for ``dsocr.load_model`` (a checkpoint folder,
     a bundled model, a variant name; None: the default model). ``options`` are
     :class:`ConvertOptions` fields. With ``out_dir`` every document is written to
     ``out_dir/<stem>/`` and a rerun skips the finished ones. The output folder is checked before
@@ -1079,6 +1082,7 @@ def convert(
     # the caller left out; official checkpoints keep the official ones (gundam, markdown).
     source = getattr(ocr, "source", ocr)
     opts = ConvertOptions(**(model_defaults(source) | options))
+    single = isinstance(inputs, str | os.PathLike) and names_one_file(inputs)
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     workspace = Workspace(out_dir) if out_dir is not None else None
@@ -1094,7 +1098,19 @@ def convert(
         converter = Converter(_load(ocr, device, dtype), opts, workspace)
     else:
         raise ValueError(f"unknown backend {backend!r}; known: dsocr, vllm")
-    return converter.convert(inputs, on_document=on_document, on_page=on_page, cancel=cancel)
+    docs = converter.convert(inputs, on_document=on_document, on_page=on_page, cancel=cancel)
+    if not single:
+        return docs
+    (doc,) = docs
+    if doc.status == "failed":
+        raise doc.exception if doc.exception is not None else RuntimeError(doc.error)
+    return doc
+
+
+def names_one_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names one file (existing or not) rather than a folder or a glob."""
+    p = Path(path)
+    return not p.is_dir() and (p.exists() or not any(c in str(path) for c in "*?["))
 
 
 def convert_file(
@@ -1104,9 +1120,6 @@ def convert_file(
     **options,
 ) -> Document:
     """Convert one file; raises its InputError / OutputError instead of returning a failure."""
-    if Path(path).is_dir():
-        raise ValueError(f"{path}: is a folder; use convert() for folders")
-    (doc,) = convert([path], ocr, out_dir, **options)
-    if doc.status == "failed":
-        raise doc.exception if doc.exception is not None else RuntimeError(doc.error)
-    return doc
+    if not names_one_file(path):
+        raise ValueError(f"{path}: is a folder or a glob; use convert() for those")
+    return convert(path, ocr, out_dir, **options)
