@@ -446,7 +446,7 @@ def test_ocr_fields_password_and_names(server, tmp_path):
     r = post(opts | {"password": "secret"})
     assert r.status_code == 200, r.text
     doc = r.json()["document"]
-    assert doc["source"] == "Report_2024.pdf" and doc["stem"] == "Report_2024"
+    assert doc["source"] == "Report 2024.pdf" and doc["stem"] == "Report 2024"  # as convert
     assert doc["model"] == "tiny"
 
 
@@ -456,7 +456,8 @@ def test_upload_stem_is_safe():
     assert upload_stem("../../etc/passwd") == "passwd"
     assert upload_stem("C:\\Users\\x\\scan.final.PNG") == "scan.final"
     assert upload_stem("..") == "upload" and upload_stem(None) == "upload"
-    assert upload_stem("Ünïcode page.pdf") == "n_code_page"
+    assert upload_stem("Ünïcode page.pdf") == "Ünïcode page"  # as convert's folders
+    assert upload_stem("a/b\x00c<d>.png") == "bc_d_" and upload_stem("con.png") == "_con"
 
 
 def test_429_carries_retry_after(ocr, monkeypatch):

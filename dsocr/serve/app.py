@@ -73,6 +73,7 @@ from dsocr.pipeline.providers import (
     InputError,
     count_pages,
     parse_page_ranges,
+    safe_stem,
     sniff_type,
 )
 from dsocr.vision.preprocess import check_image_size, preprocess_image
@@ -1009,13 +1010,9 @@ def create_app(
 
 
 def upload_stem(filename: str | None) -> str:
-    """A safe file stem from a client's upload name: its last path part, letters, digits and
-    ``._-`` only, at most 100 characters; "upload" when nothing is left."""
-    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    stem = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)
-    stem = stem.rsplit(".", 1)[0] if "." in stem.strip(".") else stem
-    stem = stem.strip("._")[:100]
-    return stem or "upload"
+    """A safe file stem from a client's upload name (``providers.safe_stem``, the rule the
+    output folders follow); "upload" when nothing is left."""
+    return safe_stem(filename or "", fallback="upload")
 
 
 def api_reason(reason: str) -> str:
