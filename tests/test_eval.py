@@ -174,6 +174,31 @@ def test_report_without_rows_numbers_is_markdown(tmp_path):
     assert "Where dsocr stands" not in md  # no dsocr row to place
 
 
+def test_report_adds_table_teds_only_for_sets_with_tables(tmp_path):
+    table = "| a | b |\n|---|---|\n| 1 | 2 |\n"
+    ids = [("plain", "hello world"), ("tab", f"# T\n\n{table}")]
+    root = write_set(
+        tmp_path / "set", [(i, Image.new("RGB", (32, 32), "white"), t, "") for i, t in ids]
+    )
+
+    class Echo:  # reads the table page's table, with one cell wrong
+        name = "echo"
+
+        def available(self):
+            return True, ""
+
+        def ocr(self, image):
+            return "<table><tr><td>a</td><td>b</td></tr><tr><td>1</td><td>3</td></tr></table>"
+
+    (row,) = evaluate([Echo()], load_pages(root))
+    assert row.table_pages == 1 and row.table_teds == pytest.approx(1 - 1 / 6)
+    assert [("table_teds" in r) for r in row.per_page] == [False, True]
+    md = report_markdown([row, ReportRow("off", "other", pages=1, cer=0.5)])
+    assert "| text edit | table TEDS | s/page |" in md and "| 0.8333 (1 page) |" in md
+    other = md[md.index("### other") :]
+    assert "table TEDS" not in other and "| off | — | — | 1 | 0.5000 |" in other
+
+
 def test_standing_lines_per_mode():
     def row(peer, mode, cer, tokens=math.nan):
         return ReportRow(peer, "d", mode=mode, vision_tokens=tokens, pages=1, cer=cer)
@@ -753,6 +778,23 @@ def test_build_markdown_set_ground_truth_is_the_page_markdown(md_corpus, tmp_pat
         assert "```" in page.text and "| --- |" in page.text and "\n- " in page.text
     again = build_markdown_set(tmp_path / "again", corpus, n_pages=2, seed=0, roots=roots)
     assert again.read_text() == m.read_text()  # deterministic for a seed
+
+
+def test_markdown_pages_find_rare_tables_and_take_a_share_of_table_pages():
+    from dsocr.eval.datasets import markdown_pages
+
+    para = "<p>" + "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 8 + "</p>"
+    table = "<table><tr><th>key</th><th>value</th></tr><tr><td>a</td><td>1</td></tr></table>"
+
+    def doc(k, with_table):
+        sections = [f"<h2>{k}.{s} Part</h2>{para}<pre>code {s}</pre>" for s in range(40)]
+        if with_table:  # deep in the document, where one random start rarely lands
+            sections[37] += table
+        return (f"d{k}", f"d{k}.html", "<div>" + "".join(sections) + "</div>")
+
+    docs = [doc(k, k in (1, 6)) for k in range(8)]  # the others have code: structure too
+    pages = markdown_pages(docs, 3, seed=0, tries=1, table_share=0.7)
+    assert {p[4]["doc"] for p in pages if "table" in p[4]["structure"]} == {"d1", "d6"}
 
 
 def test_build_script_builds_or_skips_rendered_md(md_corpus, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """Hand-worked checks of dsocr.eval.metrics; the arithmetic of each expected value is in a comment."""
 
+import math
 import random
 import time
 
@@ -21,8 +22,10 @@ from dsocr.eval.metrics import (
     normalized_edit_distance,
     omnidoc_normalize,
     omnidoc_text_edit,
+    page_tables,
     reading_order_distance,
     reading_order_edit,
+    table_teds,
     teds,
     wer,
 )
@@ -273,6 +276,37 @@ def test_teds_span_mismatch_and_inline_tags():
     a = "<table><tr><td>x<b>y</b></td></tr></table>"
     b = "<table><tr><td>x<b>z</b></td></tr></table>"
     assert teds(a, b) == pytest.approx(1 - 0.25 / 3)
+
+
+def test_page_tables_reads_pipe_and_html_tables_in_page_order():
+    page = (
+        "# T\n\n<table><tr><td>x</td></tr></table>\n\n"
+        "| a | b \\| c |\n|---|:-:|\n| 1 | <2> |\n\nnot | a table\n"
+    )
+    assert page_tables(page) == [
+        "<table><tr><td>x</td></tr></table>",
+        "<table><tr><td>a</td><td>b | c</td></tr><tr><td>1</td><td>&lt;2&gt;</td></tr></table>",
+    ]
+    assert page_tables("a | b\n| c |\n") == []  # no separator row
+    # cells as a reader sees them: no code-span backticks, escapes resolved outside code
+    md = "| `bool` | a\\*b |\n|---|---|\n| `` x`y `` | `\\*` |\n"
+    assert page_tables(md) == [
+        "<table><tr><td>bool</td><td>a*b</td></tr><tr><td>x`y</td><td>\\*</td></tr></table>"
+    ]
+
+
+def test_table_teds_matches_each_ground_truth_table_to_its_best_prediction():
+    gt = "| a | b |\n|---|---|\n| c | d |\n\ntext\n\n| ab | cd |\n|---|---|\n"
+    assert math.isnan(table_teds(TWO_ROWS, "no table here"))
+    assert table_teds("plain text only", gt) == 0.0
+    # both tables predicted, in the other order and as HTML (thead/tbody ignored)
+    pred = f"{TWO_CELLS}\n\n<table><thead><tr><td>a</td><td>b</td></tr></thead>" + (
+        "<tbody><tr><td>c</td><td>d</td></tr></tbody></table>"
+    )
+    assert table_teds(pred, gt) == 1.0
+    # one table predicted: it is used once, the other ground-truth table scores 0
+    assert table_teds(TWO_ROWS, gt) == pytest.approx(0.5)
+    assert table_teds(TWO_ROWS + TWO_ROWS + TWO_CELLS, gt) == 1.0  # extra tables cost nothing
 
 
 def test_teds_sections_th_and_ignore_tags():

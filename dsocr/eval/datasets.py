@@ -924,17 +924,20 @@ def markdown_pages(
     tries: int = 6,
     max_chars: int = 4000,
     min_chars: int = 300,
+    table_share: float = 0.4,
 ) -> list[tuple]:
     """(doc id, source, HTML) triples -> up to ``n_pages`` rendered Markdown pages, one per
     document, as :func:`write_set` items (id, image, page text, source, extra fields).
 
     Documents are put in a seeded order. For each, up to ``tries`` seeded start blocks
-    (headings first) are rendered (sans 16 px, 816x1056, as rendered-en) and the page with the
-    most kinds of structure (:data:`STRUCTURE`; lists, tables and code before headings) is
-    kept. The set takes the first page with a table, a list, code and a heading (where there
-    is one), then pages with lists/tables/code, then heading-only pages, then pages without
-    structure, in that order, and lists them in the seeded order. Characters no shipped font
-    has are dropped.
+    (headings first), plus up to ``tries`` starts at the heading above a table (tables are rare
+    and random starts miss them), are rendered (sans 16 px, 816x1056, as rendered-en) and the
+    page with the most kinds of structure (:data:`STRUCTURE`; lists, tables and code before
+    headings; a table breaks ties) is kept. The set takes pages with a table first, up to
+    ``table_share`` of ``n_pages`` (TEDS needs more than one), then the first page with a list,
+    code and a heading (where there is one), then pages with lists/tables/code, then
+    heading-only pages, then pages without structure, in that order, and lists them in the
+    seeded order. Characters no shipped font has are dropped.
     """
     rng = random.Random(seed)
     style = rendered_page_style()
@@ -951,6 +954,12 @@ def markdown_pages(
         starts = rng.sample(heads, min(tries, len(heads)))
         if len(starts) < tries:
             starts += rng.sample(others, min(tries - len(starts), len(others)))
+        above = {
+            max((h for h in heads if h <= k and k - h <= 8), default=k)
+            for k, b in enumerate(blocks)
+            if b.kind == "table"
+        }
+        starts += rng.sample(sorted(above), min(tries, len(above)))
         best = None
         for s in sorted(set(starts)):
             chunk, size = [], 0
@@ -965,7 +974,11 @@ def markdown_pages(
             if got is None or len(got[1].strip()) < min_chars:
                 continue
             structure = _page_structure(chunk[: got[2]])
-            score = (len([k for k in structure if k != "heading"]), len(structure))
+            score = (
+                len([k for k in structure if k != "heading"]),
+                "table" in structure,
+                len(structure),
+            )
             if best is None or score > best[0]:
                 best = (score, s, got[0], got[1], structure)
         if best is None:
@@ -975,8 +988,9 @@ def markdown_pages(
         cands.append((image, text, source, extra))
     # Every kind of structure on at least one page where possible (rarest first), then pages
     # with lists/tables/code, then headings only, then the rest; seeded order within each tier.
-    chosen = []
-    for kind in ("table", "list", "code", "heading"):
+    with_table = [c for c in cands if "table" in c[3]["structure"]]
+    chosen = with_table[: max(1, round(n_pages * table_share))]
+    for kind in ("list", "code", "heading"):
         hit = next((c for c in cands if kind in c[3]["structure"] and c not in chosen), None)
         if hit is not None and len(chosen) < n_pages:
             chosen.append(hit)

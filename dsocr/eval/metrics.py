@@ -35,6 +35,8 @@ OmniDocBench's block matching (Hungarian assignment + fuzzy merging of split blo
 
 from __future__ import annotations
 
+import html
+import math
 import re
 import unicodedata
 from collections.abc import Hashable, Sequence
@@ -712,6 +714,103 @@ def teds(
     if n_nodes == 0:
         return 1.0  # two empty tables
     return max(0.0, 1.0 - distance / n_nodes)
+
+
+def _html_tables(text: str) -> list[tuple[int, str]]:
+    """Top-level ``<table>...</table>`` spans (nested tables stay inside theirs), with offsets."""
+    out, depth, start = [], 0, 0
+    for m in _HTML_TABLE_TAG_RE.finditer(text):
+        if m.group(0).lower().startswith("<table"):
+            if depth == 0:
+                start = m.start()
+            depth += 1
+        elif depth > 0:
+            depth -= 1
+            if depth == 0:
+                out.append((start, text[start : m.end()]))
+    return out
+
+
+_CODE_SPAN_RE = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.DOTALL)
+_MD_ESCAPE_RE = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def _md_cell_text(cell: str) -> str:
+    """A pipe-table cell's text as the page shows it: code-span backticks dropped (one
+    padding space each side too, as CommonMark strips), backslash escapes resolved outside
+    code spans."""
+    out, last = [], 0
+    for m in _CODE_SPAN_RE.finditer(cell):
+        out.append(_MD_ESCAPE_RE.sub(r"\1", cell[last : m.start()]))
+        code = m.group(2)
+        if len(code) > 2 and code[0] == code[-1] == " ":
+            code = code[1:-1]
+        out.append(code)
+        last = m.end()
+    out.append(_MD_ESCAPE_RE.sub(r"\1", cell[last:]))
+    return "".join(out).strip()
+
+
+def _pipe_cells(line: str) -> list[str]:
+    """The cells of one pipe-table row as text (:func:`_md_cell_text`); ``\\|`` is a bar."""
+    line = line.strip()
+    line = line[1:] if line.startswith("|") else line
+    line = line[:-1] if line.endswith("|") and not line.endswith("\\|") else line
+    return [_md_cell_text(c.replace("\\|", "|")) for c in re.split(r"(?<!\\)\|", line)]
+
+
+def _pipe_tables(text: str) -> list[tuple[int, str]]:
+    """Markdown pipe tables (a header row, a ``|---|`` separator, body rows) as HTML tables
+    (header cells ``td``, as OmniDocBench renames ``th``), with their offsets in ``text``."""
+    out, offset, lines = [], 0, text.split("\n")
+    starts = []
+    for line in lines:
+        starts.append(offset)
+        offset += len(line) + 1
+    i = 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and _MD_TABLE_ROW_RE.match(lines[j]):
+            j += 1
+        if j - i >= 2 and _MD_TABLE_SEP_RE.match(lines[i + 1]):
+            rows = [lines[i]] + lines[i + 2 : j]
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _pipe_cells(r)) + "</tr>"
+                for r in rows
+            )
+            out.append((starts[i], f"<table>{body}</table>"))
+        i = max(j, i + 1)
+    return out
+
+
+def page_tables(text: str) -> list[str]:
+    """The tables of a page, in page order, as HTML: its ``<table>`` elements as written and
+    its Markdown pipe tables converted (cells as the text a reader sees: no code-span
+    backticks or backslash escapes)."""
+    return [t for _, t in sorted(_html_tables(text) + _pipe_tables(text))]
+
+
+def table_teds(pred: str, gt: str, structure_only: bool = False) -> float:
+    """Mean TEDS over the ground truth page's tables (:func:`page_tables`); NaN if it has none.
+
+    Each ground-truth table, in page order, takes the unused predicted table that scores
+    highest against it, or 0 when none is left; predicted tables beyond the ground truth's
+    cost nothing. Tables are compared with ``<thead>``/``<tbody>`` ignored, as OmniDocBench
+    does."""
+    gts, preds = page_tables(gt), page_tables(pred)
+    if not gts:
+        return math.nan
+    scores = []
+    for g in gts:
+        best, pick = 0.0, None
+        for k, p in enumerate(preds):
+            value = teds(p, g, structure_only=structure_only, ignore_tags=("thead", "tbody"))
+            if pick is None or value > best:
+                best, pick = value, k
+        if pick is not None:
+            preds.pop(pick)
+        scores.append(best)
+    return sum(scores) / len(scores)
 
 
 # ----------------------------------------------------------------------------------------------

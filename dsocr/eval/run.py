@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dsocr.eval.metrics import cer, fox_precision, omnidoc_text_edit, wer
+from dsocr.eval.metrics import cer, fox_precision, omnidoc_text_edit, table_teds, wer
 from dsocr.fileio import atomic_write_text, atomic_write_with, note_block, save_report
 
 # The classic peers the issue's goal names: dsocr's standing is stated against both, and a
@@ -51,19 +51,26 @@ class ReportRow:
     wer: float = math.nan
     fox_precision: float = math.nan
     text_edit: float = math.nan
+    table_teds: float = math.nan  # mean over the pages whose ground truth has a table
+    table_pages: int = 0
     s_per_page: float = math.nan
     skipped: str = ""
     per_page: list[dict] = field(default_factory=list, repr=False)
 
 
 def score(pred: str, gt: str) -> dict[str, float]:
-    """All page metrics for one prediction (whitespace-normalised CER)."""
-    return {
+    """All page metrics for one prediction (whitespace-normalised CER); ``table_teds`` only
+    when the ground truth has a table."""
+    out = {
         "cer": cer(pred, gt, normalize_whitespace=True),
         "wer": wer(pred, gt),
         "fox_precision": fox_precision(pred, gt),
         "text_edit": omnidoc_text_edit(pred, gt),
     }
+    tables = table_teds(pred, gt)
+    if not math.isnan(tables):
+        out["table_teds"] = tables
+    return out
 
 
 def evaluate(peers, pages, progress=None) -> list[ReportRow]:
@@ -109,6 +116,10 @@ def evaluate(peers, pages, progress=None) -> list[ReportRow]:
                     setattr(row, "s_per_page" if m == "seconds" else m, val)
                 if count is not None:
                     row.vision_tokens = sum(r["vision_tokens"] for r in row.per_page) / row.pages
+                tables = [r["table_teds"] for r in row.per_page if "table_teds" in r]
+                row.table_pages = len(tables)
+                if tables:
+                    row.table_teds = sum(tables) / len(tables)
             rows.append(row)
     return rows
 
@@ -193,22 +204,34 @@ def report_markdown(
         "",
         "Vision tokens: valid vision tokens per page in that mode (dsocr only).",
     ]
+    if any(r.table_pages for r in rows):
+        lines += [
+            "",
+            "Table TEDS (sets with tables): tree-edit similarity of each ground-truth table (pipe "
+            "or HTML) with the prediction's best-matching table, 0 when it has none, averaged "
+            "over the pages that have a table (higher is better).",
+        ]
     for d in dict.fromkeys(r.dataset for r in rows):
+        with_tables = any(r.table_pages for r in rows if r.dataset == d)
+        extra = (" table TEDS |", "---:|") if with_tables else ("", "")
         lines += [
             "",
             f"### {d}",
             "",
-            "| peer | mode | vision tokens | pages | CER | WER | Fox precision | text edit | s/page |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| peer | mode | vision tokens | pages | CER | WER | Fox precision | text edit |"
+            f"{extra[0]} s/page |",
+            f"|---|---|---:|---:|---:|---:|---:|---:|{extra[1]}---:|",
         ]
         for r in (r for r in rows if r.dataset == d):
             head = f"| {r.peer} | {r.mode or '—'} | {_fmt(r.vision_tokens, 0)}"
             if r.skipped:
-                lines.append(f"{head} | 0 | skipped: {r.skipped} | | | | |")
+                lines.append(f"{head} | 0 | skipped: {r.skipped} | | | | |{' |' * with_tables}")
                 continue
+            n = f"{r.table_pages} page{'s' * (r.table_pages != 1)}"
+            tables = f" {_fmt(r.table_teds)} ({n}) |" if with_tables else ""
             lines.append(
                 f"{head} | {r.pages} | {_fmt(r.cer)} | {_fmt(r.wer)} | "
-                f"{_fmt(r.fox_precision)} | {_fmt(r.text_edit)} | {_fmt(r.s_per_page, 2)} |"
+                f"{_fmt(r.fox_precision)} | {_fmt(r.text_edit)} |{tables} {_fmt(r.s_per_page, 2)} |"
             )
     standing = standing_lines(rows)
     if standing:
