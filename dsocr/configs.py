@@ -472,6 +472,27 @@ def _check_identity(d: dict) -> None:
         raise _Bad("use_mla", "multi-head latent attention is not DeepSeek-OCR's decoder (false)")
 
 
+# Decoder settings that select code paths we do not implement: key -> the values that mean the
+# checkpoint's path (an absent key means it too). Any other value is refused, not ignored.
+DECODER_PATH = {
+    "scoring_func": ("softmax",),
+    "topk_method": ("greedy",),
+    "n_group": (1, None),
+    "topk_group": (1, None),
+    "hidden_act": ("silu",),
+    "rope_scaling": (None,),
+    "attention_bias": (False,),
+}
+
+
+def _check_decoder_path(lang: dict) -> None:
+    """Refuse a decoder setting the model would otherwise ignore (and so compute wrongly)."""
+    for k, allowed in DECODER_PATH.items():
+        if k in lang and not any(type(lang[k]) is type(a) and lang[k] == a for a in allowed):
+            ok = " or ".join(json.dumps(a) for a in allowed)
+            raise _Bad(k, f"{json.dumps(lang[k])} is not supported (DeepSeek-OCR's decoder: {ok})")
+
+
 def _check_values(S: SamConfig, C: ClipConfig, L: LanguageConfig, top: dict) -> None:
     """Ranges and relations the model needs, named by their config.json keys."""
     image_token_id = top.get("image_token_id", DeepseekOCRConfig.image_token_id)
@@ -575,10 +596,11 @@ def config_from_json(d: Any, where: str = "config.json") -> DeepseekOCRConfig:
     Checked: the top level is an object; ``model_type`` / ``architectures`` are DeepSeek-OCR's;
     the keys every official-layout file holds are present (``REQUIRED_*``); every value we read
     has its type (integers are integers, not 3.0 or "320") and range (positive sizes, heads that
-    divide the width, top-k <= experts, ids inside the vocabulary...). Keys we do not use are
-    ignored. The official file omits the SAM/CLIP sizes we treat as fixed (patch, window, neck
-    width...), and some language defaults (rope_theta, rms_norm_eps); the dataclass defaults
-    fill those in.
+    divide the width, top-k <= experts, ids inside the vocabulary...); a decoder setting of a path
+    we do not implement (``DECODER_PATH``: sigmoid routing, rope_scaling...) is refused. Other
+    keys we do not use are ignored. The official file omits the SAM/CLIP sizes we treat as fixed
+    (patch, window, neck width...), and some language defaults (rope_theta, rms_norm_eps); the
+    dataclass defaults fill those in.
     """
     try:
         if not isinstance(d, dict):
@@ -591,6 +613,7 @@ def config_from_json(d: Any, where: str = "config.json") -> DeepseekOCRConfig:
         lang_nested = _section(d, "language_config")
         # The official file repeats the language fields at the top level; the nested copy wins.
         lang_src = {**d, **lang_nested}
+        _check_decoder_path(lang_src)
         for keys, src, prefix in (
             (REQUIRED_LANGUAGE, lang_src, ""),
             (REQUIRED_SAM, sam_src, f"vision_config.width.{SAM_KEY}."),

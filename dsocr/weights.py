@@ -17,6 +17,7 @@ Gotcha: safetensors cannot store tensors that share memory; we save contiguous c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -114,8 +115,35 @@ def read_state_dict(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            raise CheckpointError(f"{f}: {_unreadable_reason(f, e)}") from None
     return out
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    """Why safetensors could not read ``path``: "truncated" with the byte counts when the file is
+    shorter than its header says (an interrupted download or copy), else safetensors' reason."""
+    reason = f"not a readable safetensors file ({error})"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")  # the header's length
+            if size < 8:
+                return f"too short to be a safetensors file ({size} bytes)"
+            if n > 100_000_000:  # not a header length: not safetensors at all
+                return reason
+            if 8 + n > size:
+                return f"truncated: {size:,} bytes, but its header alone needs {8 + n:,}"
+            header = json.loads(fh.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        need = 8 + n + max(ends, default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return reason
+    if need > size:
+        return (
+            f"truncated: {size:,} bytes of the {need:,} its header describes "
+            "(an interrupted download or copy?)"
+        )
+    return reason
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:

@@ -115,6 +115,21 @@ def test_wrong_folders_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "nope")
 
 
+def test_a_truncated_safetensors_file_is_named_and_called_truncated(saved, sharded):
+    single = saved / "model.safetensors"
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    for path, keep in ((single, 20), (single, None), (shard, None)):
+        data = path.read_bytes()
+        path.write_bytes(data[: keep or len(data) - 1])
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path.parent)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: truncated: ") and "\n" not in msg, msg
+    single.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="too short to be a safetensors file"):
+        load_checkpoint(saved)
+
+
 def test_load_to_bfloat16(saved):
     model = load_checkpoint(saved, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -253,6 +268,15 @@ BAD_CONFIGS = {
         "language_config.architectures",
     ),
     "mla": (_both("use_mla", True), "use_mla"),
+    # Settings of code paths the decoder does not have: refused, not ignored.
+    "sigmoid": (_both("scoring_func", "sigmoid"), 'scoring_func: "sigmoid" is not supported'),
+    "noaux": (_both("topk_method", "noaux_tc"), 'topk_method: "noaux_tc" is not supported'),
+    "groups": (_both("n_group", 8), "n_group: 8 is not supported"),
+    "rope-scaling": (
+        _both("rope_scaling", {"type": "yarn", "factor": 4}),
+        "rope_scaling: {",
+    ),
+    "gelu": (_both("hidden_act", "gelu"), 'hidden_act: "gelu" is not supported'),
     "missing-hidden": (
         lambda d: (d.pop("hidden_size"), d["language_config"].pop("hidden_size")),
         "hidden_size: missing",
