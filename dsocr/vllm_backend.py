@@ -9,8 +9,10 @@ the n-gram ban passed per request as ``extra_args`` (``ngram_size``, ``window_si
 ``whitelist_token_ids`` = ``<td>``, ``</td>``).
 
 Gotchas:
-- vLLM's processor tiles every image the Gundam way (1024 global view, 640 tiles); it takes no
-  mode. Other modes are refused rather than silently ignored.
+- vLLM's processor tiles every image the Gundam way (1024 global view, 640 tiles, 2 to 6 of
+  them, where HF's ``infer()`` and our ``gundam`` allow 9); it takes no mode. Other modes are
+  refused rather than silently ignored, and the pipeline counts vision tokens with
+  :attr:`VllmEngine.tiling_mode` (:data:`VLLM_MODE`).
 - vLLM takes the raw page image and the prompt text (it expands ``<image>`` itself), so
   :attr:`VllmEngine.wants_raw_images` tells ``Generate`` to send the page image, not our tensors.
 - Optional extra: ``pip install 'dsocr[vllm]'``, on Linux with a CUDA GPU. Without either,
@@ -21,14 +23,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from dsocr.configs import get_mode, load_config
+from dsocr.configs import MODES, get_mode, load_config
 from dsocr.engine.generate import Result, StreamEvent
 from dsocr.language.tokenizer import Tokenizer
 
 BACKENDS = ("dsocr", "vllm")
+
+# How vLLM's DeepSeek-OCR processor tiles (upstream: MIN_CROPS 2, MAX_CROPS 6), as a dsocr mode.
+VLLM_MODE = replace(MODES["gundam"], max_crops=6)
 
 
 class BackendUnavailable(RuntimeError):
@@ -77,6 +83,7 @@ class VllmEngine:
     """vLLM's continuous batching behind dsocr's engine API (``add_request`` / ``step``)."""
 
     wants_raw_images = True
+    tiling_mode = VLLM_MODE  # how vLLM tiles pages, whatever the pipeline was asked for
 
     def __init__(self, ocr: VllmOCR, prompt: str, mode, max_batch_size: int = 64, **llm_kwargs):
         check_vllm()

@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw
 import dsocr
 from dsocr.engine.sampling import ngram_whitelist_for
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
+from dsocr.vision.preprocess import count_image_tokens
+from dsocr.vllm_backend import VLLM_MODE
 from dsocr.weights import save_checkpoint
 
 
@@ -179,6 +181,11 @@ def test_vllm_backend_drives_vllm_with_the_official_settings(tiny_model, tmp_pat
     for w in (96, 80):
         pages.append(tmp_path / f"p{w}.png")
         Image.new("RGB", (w, 64), "white").save(pages[-1])
+    big = tmp_path / "big.png"  # 3x3 tiles in our gundam (max 9), 2x2 in vLLM's (max 6)
+    Image.new("RGB", (1920, 1920), "white").save(big)
+    (doc,) = dsocr.convert([big], str(folder), backend="vllm", mode="gundam", max_new_tokens=4)
+    assert doc.pages[0].tokens.vision == count_image_tokens(1920, 1920, VLLM_MODE) == 693
+    fake.sent.clear()
     with pytest.raises(ValueError, match="always tiles in Gundam mode"):
         dsocr.convert(pages, str(folder), tmp_path / "base", backend="vllm", mode="base")
     docs = dsocr.convert(

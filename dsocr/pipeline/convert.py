@@ -858,7 +858,13 @@ class Converter:
         self.fingerprint = options_fingerprint(self.settings)
         self.stages = (
             RenderPages(options),
-            Preprocess(tok, options.resolved_prompt(), options.mode, config.sam.pixels_per_token),
+            # an engine that tiles pages itself (vLLM) says how, so token counts are its own
+            Preprocess(
+                tok,
+                options.resolved_prompt(),
+                getattr(engine, "tiling_mode", options.mode),
+                config.sam.pixels_per_token,
+            ),
             Generate(engine, params, options.batch_size),
             Postprocess(options, tok),
             WriteOutput(self.workspace, self.fingerprint) if self.workspace is not None else None,
