@@ -275,6 +275,18 @@ class Mode:
     crop_threshold: int = 640  # hard-coded in every official code path
     paper_tokens: str = ""  # how the paper names the budget (grid tokens only), for reports
 
+    def __post_init__(self):
+        for key in ("base_size", "image_size", "min_crops", "max_crops", "crop_threshold"):
+            value = getattr(self, key)
+            if type(value) is not int or value < 1:
+                raise ValueError(
+                    f"mode {self.name!r}: {key} must be a positive integer, got {value!r}"
+                )
+        if self.min_crops > self.max_crops:
+            raise ValueError(
+                f"mode {self.name!r}: min_crops {self.min_crops} is above max_crops {self.max_crops}"
+            )
+
 
 MODES: dict[str, Mode] = {
     "tiny": Mode("tiny", 512, 512, paper_tokens="64"),

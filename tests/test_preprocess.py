@@ -306,3 +306,17 @@ def test_pixel_limit_message():
     check_image_size(SimpleNamespace(size=(10_000, 10_000)), MAX_IMAGE_PIXELS)  # exactly the limit
     with pytest.raises(ValueError, match=r"over the limit of 1,000;"):
         check_image_size(_solid(50, 50), max_pixels=1000)
+
+
+def test_a_mode_with_bad_sizes_is_refused_when_built_or_counted():
+    with pytest.raises(ValueError, match="'x': base_size must be a positive integer, got 0"):
+        Mode("x", 0, 64)
+    with pytest.raises(ValueError, match="image_size must be a positive integer, got 64.0"):
+        Mode("x", 64, 64.0)
+    with pytest.raises(ValueError, match="min_crops 4 is above max_crops 3"):
+        Mode("x", 64, 64, min_crops=4, max_crops=3)
+    with pytest.raises(ValueError, match="'odd': base_size 500 is not a multiple of 64"):
+        count_image_tokens(100, 100, Mode("odd", 500, 500))
+    with pytest.raises(ValueError, match="image_size 600 is not a multiple of 64"):
+        count_image_tokens(1000, 1000, Mode("odd", 512, 600, crop_mode=True))
+    assert count_image_tokens(100, 100, Mode("odd", 512, 600)) == 73  # no tiles: unused

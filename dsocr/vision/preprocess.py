@@ -109,6 +109,12 @@ def count_image_tokens(
     273 + (10 rows)(10 cols + 1) for Gundam (3 wide x 2 high -> 893).
     """
     mode = get_mode(mode)
+    for key in ("base_size", "image_size") if mode.crop_mode else ("base_size",):
+        if getattr(mode, key) % pixels_per_token:
+            raise ValueError(
+                f"mode {mode.name!r}: {key} {getattr(mode, key)} is not a multiple of "
+                f"{pixels_per_token} (the pixels per vision token side)"
+            )
     g = mode.base_size // pixels_per_token
     total = g * (g + 1) + 1
     cols, rows = crop_grid(width, height, mode)
