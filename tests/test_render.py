@@ -21,6 +21,7 @@ from dsocr.render import (
     unrenderable,
 )
 from dsocr.render.fonts import FACES, FONT_DIR, face
+from dsocr.render.layout import layout_text
 
 SMALL = PageStyle(width=320, height=240, font_size=14, margin=8)
 PROSE = (
@@ -163,6 +164,36 @@ def test_rtl_paragraph_is_right_aligned():
     assert ltr_cols.min() < 20 and ltr_cols.max() < 300
 
 
+def _visual(text: str, style: PageStyle) -> list[str]:
+    """The drawn strings of the first line, left to right."""
+    ops = layout_text(text, style)[0].ops
+    return [op[4] for op in sorted(ops, key=lambda op: op[1])]
+
+
+@pytest.mark.parametrize(
+    "text, visual",
+    [
+        # brackets used to keep their LTR glyphs in RTL text: ")جديد(" on the page
+        ("كتاب (جديد) في", ["في", "(", "جديد", ")", "كتاب"]),
+        ("(مرحبا) بالعالم", ["بالعالم", "(", "مرحبا", ")"]),
+        # the closing bracket used to be split off the Latin run: ").(Hello" on the page
+        ("مرحبا (Hello).", [".(", "Hello", ")", "مرحبا"]),
+        ("שלום (עולם) [x]", ["[", "x", "] (", "עולם", ")", "שלום"]),
+        ("עמוד 3 מתוך 10.", [".", "10", "מתוך", "3", "עמוד"]),
+        # an Arabic phrase in LTR text reads right to left as a whole, brackets included
+        ("Word مرحبا (جديد) end", ["Word", "(", "جديد", ")", "مرحبا", "end"]),
+        ("Hello world", ["Hello world"]),
+    ],
+)
+def test_bidi_orders_runs_and_mirrors_brackets(text, visual):
+    style = PageStyle(width=600, height=60, font_size=20, margin=8)
+    assert _visual(text, style) == visual
+    (page,) = render_text(text, style)
+    assert page.text == text
+    drawn = sorted(ch for ch, _, _ in glyph_centers(text, style)[0])
+    assert drawn == sorted(text.replace(" ", ""))  # source characters, unmirrored
+
+
 def test_unknown_character_raises_with_code_point():
     assert missing_chars("abc ሀ 中") == ["ሀ"]
     with pytest.raises(ValueError, match=r"unknown script.*U\+1200"):
@@ -265,6 +296,24 @@ def test_markdown_paginates_long_documents():
 def test_style_validation():
     with pytest.raises(ValueError, match="font must be"):
         PageStyle(font="comic")
+    bad = [
+        (dict(width=0), "width must be a whole number >= 1"),
+        (dict(width=-5, height=100), "width must be"),
+        (dict(width=300.5, height=300), "width must be"),  # was a TypeError inside Pillow
+        (dict(columns=1.5), "columns must be"),  # used to draw past the page, text lost
+        (dict(columns=0), "columns must be"),
+        (dict(margin=-1), "margin must be"),
+        (dict(column_gap=-1), "column_gap must be"),
+        (dict(line_height=float("nan")), "line_height must be a finite number"),
+        (dict(line_height=float("inf")), "line_height must be a finite number"),  # OverflowError
+        (dict(font_size="12"), "font_size must be a finite number"),  # TypeError
+        (dict(dpi=0), "dpi must be > 0"),
+        (dict(background=256), "grey levels"),
+    ]
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            PageStyle(**kw)
+    assert PageStyle(width=np.int64(200), height=100, margin=0).size == (200, 100)
     assert PageStyle(dpi=200).size == (1654, 2339)
 
 

@@ -22,6 +22,7 @@ source of truth for the prompt/embedding layout.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -96,7 +97,7 @@ class CompressionStats:
     @property
     def ratio(self) -> float:
         """Paper Table 2 compression: V3 text tokens / grid vision tokens."""
-        return self.text_tokens / self.vision_tokens if self.vision_tokens else float("inf")
+        return self.text_tokens / self.vision_tokens if self.vision_tokens else 0.0
 
     @property
     def ratio_placeholder(self) -> float:
@@ -162,10 +163,10 @@ def compression_stats(
     if isinstance(pages_or_sizes, Image.Image) or hasattr(pages_or_sizes, "image"):
         pages_or_sizes = [pages_or_sizes]
     elif (
-        isinstance(pages_or_sizes, tuple)
+        isinstance(pages_or_sizes, (tuple, list))
         and len(pages_or_sizes) == 2
-        and all(isinstance(v, int) for v in pages_or_sizes)
-    ):
+        and all(isinstance(v, numbers.Real) for v in pages_or_sizes)
+    ):  # one (width, height), numpy integers included
         pages_or_sizes = [pages_or_sizes]
     n, grid, placeholder, valid = vision_token_counts(pages_or_sizes, mode, pixels_per_token)
     return CompressionStats(

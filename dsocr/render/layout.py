@@ -12,12 +12,11 @@ between any two CJK characters (opening brackets stick to the next character, cl
 to the previous one). A word wider than the line is cut at grapheme-ish boundaries (never before a
 combining mark, ZWJ/ZWNJ, or after a virama).
 
-Bidi, simplified: a line is split into runs of one face; raqm shapes and orders inside a run (a
-whole Arabic phrase with its spaces and digits is one run, see fonts.Resolver). Runs are placed
-left to right, or right to left from the right edge when the paragraph's first strong character
-is RTL; trailing punctuation of a run against the paragraph direction follows the paragraph.
-That is UAX #9 at run level, right for the usual cases (RTL text with embedded Latin words or
-numbers, LTR text with embedded Arabic phrases), not for deeply nested embeddings.
+Bidi: a line with right-to-left text gets UAX #9 levels (weak types, bracket pairs, neutrals; no
+explicit embeddings or isolates) and is drawn as runs of one face and level in rule-L2 order, from
+the right edge when the paragraph's first strong character is RTL. raqm shapes and orders inside
+an RTL face's run; brackets and punctuation of other faces at odd levels are reversed and
+mirrored. Lines with no RTL text take the plain left-to-right path.
 
 Markdown subset: ATX headings, fenced code blocks, pipe tables, "-", "*", "+", "1." and "1)" lists
 (nesting by indent), "> " quotes, thematic breaks, paragraphs, and inline **bold**, __bold__ and
@@ -26,6 +25,7 @@ Markdown subset: ATX headings, fenced code blocks, pipe tables, "-", "*", "+", "
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -190,6 +190,106 @@ def _is_rtl(text: str) -> bool:
     return False
 
 
+# Paired brackets (UAX #9 BD14-BD16) and mirrored glyphs (rule L4) for faces drawn without raqm.
+_PAIRS = dict(zip("([{⁅⁽₍⌈⌊〈⟨⟦⟪〈《「『【〔（［｛", ")]}⁆⁾₎⌉⌋〉⟩⟧⟫〉》」』】〕）］｝"))
+_MIRROR = {**_PAIRS, **{v: k for k, v in _PAIRS.items()}, "<": ">", ">": "<", "«": "»", "»": "«"}
+_MIRROR.update({"‹": "›", "›": "‹", "≤": "≥", "≥": "≤"})
+_BIDI_CHARS = frozenset("R AL AN".split())
+
+
+@functools.lru_cache(maxsize=64)
+def _bidi_levels(text: str, rtl: bool) -> tuple[int, ...]:
+    """Embedding level per character of a paragraph: UAX #9 rules W1-W7, N0-N2, I1-I2, without
+    explicit embeddings or isolates (the fonts refuse isolates; other format characters are
+    neutral). Odd levels are drawn right to left."""
+    e = int(rtl)
+    sos = "R" if rtl else "L"
+    t = [unicodedata.bidirectional(ch) for ch in text]
+    n = len(t)
+    prev = sos
+    for i in range(n):  # W1 (BN treated as NSM)
+        if t[i] in ("NSM", "BN"):
+            t[i] = prev if prev not in ("LRI", "RLI", "FSI", "PDI") else "ON"
+        prev = t[i]
+    strong = sos
+    for i in range(n):  # W2, W3
+        if t[i] in ("L", "R", "AL"):
+            strong = t[i]
+        if t[i] == "EN" and strong == "AL":
+            t[i] = "AN"
+        if t[i] == "AL":
+            t[i] = "R"
+    for i in range(1, n - 1):  # W4
+        if t[i] == "ES" and t[i - 1] == t[i + 1] == "EN":
+            t[i] = "EN"
+        elif t[i] == "CS" and t[i - 1] == t[i + 1] and t[i - 1] in ("EN", "AN"):
+            t[i] = t[i - 1]
+    i = 0
+    while i < n:  # W5
+        if t[i] == "ET":
+            j = i
+            while j < n and t[j] == "ET":
+                j += 1
+            if (i > 0 and t[i - 1] == "EN") or (j < n and t[j] == "EN"):
+                t[i:j] = ["EN"] * (j - i)
+            i = j
+        else:
+            i += 1
+    strong = sos
+    for i in range(n):  # W6, W7
+        if t[i] in ("ES", "ET", "CS"):
+            t[i] = "ON"
+        elif t[i] in ("L", "R"):
+            strong = t[i]
+        elif t[i] == "EN" and strong == "L":
+            t[i] = "L"
+
+    def direction(k: int) -> str | None:
+        return "L" if t[k] == "L" else "R" if t[k] in ("R", "EN", "AN") else None
+
+    stack, pairs = [], []  # N0: bracket pairs, resolved in order of their openers
+    for i, ch in enumerate(text):
+        if t[i] != "ON":
+            continue
+        if ch in _PAIRS and len(stack) < 63:
+            stack.append((_PAIRS[ch], i))
+        else:
+            for k in range(len(stack) - 1, -1, -1):
+                if stack[k][0] == ch:
+                    pairs.append((stack[k][1], i))
+                    del stack[k:]
+                    break
+    embed = "R" if rtl else "L"
+    for a, b in sorted(pairs):
+        inside = {direction(k) for k in range(a + 1, b)} - {None}
+        if embed in inside:
+            t[a] = t[b] = embed
+        elif inside:
+            before = next((d for k in range(a - 1, -1, -1) if (d := direction(k))), sos)
+            t[a] = t[b] = before  # N0 c: the context's direction, else the embedding's
+    i = 0
+    while i < n:  # N1, N2
+        if direction(i) is None:
+            j = i
+            while j < n and direction(j) is None:
+                j += 1
+            left = direction(i - 1) if i > 0 else sos
+            right = direction(j) if j < n else sos
+            t[i:j] = [left if left == right else embed] * (j - i)
+            i = j
+        else:
+            i += 1
+    levels = []
+    for k in range(n):  # I1, I2
+        if t[k] == "L":
+            levels.append(e + e % 2)
+        elif t[k] == "R":
+            levels.append(e + 1 - e % 2)
+        else:  # EN, AN
+            levels.append(e + 2 - e % 2)
+    return tuple(levels)
+
+
 def line_ops(
     text: str,
     faces: list[Face] | None,
@@ -201,13 +301,21 @@ def line_ops(
     y: int,
     rtl: bool,
 ) -> list[tuple]:
-    """Text ops drawing text[s:e] with its baseline at y, from x0 (or right-aligned if rtl)."""
+    """Text ops drawing text[s:e] with its baseline at y, from x0 (or right-aligned if rtl).
+
+    Lines with right-to-left text are ordered by ``_bidi_levels``: runs of one face and level,
+    reversed per UAX #9 rule L2; raqm shapes and orders inside an RTL face's run, and a run of
+    another face at an odd level (brackets, punctuation) is drawn reversed with mirrored glyphs.
+    Such an op carries a sixth field: its characters in drawn order, unmirrored.
+    """
     while e > s and text[e - 1] == " ":
         e -= 1
     if e == s:
         return []
     if faces is None:
         return [(TEXT, int(x0 + 0.5), y, prim, text[s:e])]
+    if rtl or any(unicodedata.bidirectional(c) in _BIDI_CHARS for c in text[s:e]):
+        return _bidi_line_ops(text, faces, s, e, x0, width, y, rtl)
     runs, i = [], s
     while i < e:
         f, j = faces[i], i + 1
@@ -215,31 +323,68 @@ def line_ops(
             j += 1
         runs.append((f, text[i:j]))
         i = j
-    if len(runs) == 1 and not rtl and not runs[0][0].spec.rtl:
+    if len(runs) == 1:
         return [(TEXT, int(x0 + 0.5), y, runs[0][0], runs[0][1])]
     ops = []
-    x = x0 + width if rtl else x0
+    x = x0
     for f, run in runs:
         visible = run.rstrip(" ")
-        pieces = [visible]
-        if f.spec.rtl != rtl:
-            # Trailing punctuation of a run against the paragraph direction follows the paragraph
-            # (UAX #9 rule N1/N2): "abc مرحبا." ends with the full stop on the right.
-            k = len(visible)
-            while k > 0 and unicodedata.category(visible[k - 1])[0] in "PS":
-                k -= 1
-            pieces = [visible[:k], visible[k:]]
-        for piece in pieces:  # in visual order along the paragraph direction
-            if not piece:
-                continue
-            w = f.measure(piece)
-            if rtl:
-                x -= w
-            ops.append((TEXT, int(x + 0.5), y, f, piece))
-            if not rtl:
-                x += w
-        spaces = (len(run) - len(visible)) * f.space  # towards the next run
-        x += -spaces if rtl else spaces
+        if visible:
+            ops.append((TEXT, int(x + 0.5), y, f, visible))
+            x += f.measure(visible)
+        x += (len(run) - len(visible)) * f.space  # towards the next run
+    return ops
+
+
+def _bidi_line_ops(text, faces, s, e, x0, width, y, rtl) -> list[tuple]:
+    levels = _bidi_levels(text, rtl)
+    units, i = [], s  # (level, face, start, end) in logical order
+    while i < e:
+        f, j = faces[i], i + 1
+        odd = levels[i] % 2
+        while j < e and faces[j] is f:
+            if f.spec.rtl and odd and levels[j] >= 1:
+                j += 1  # raqm orders digits and spaces inside an RTL run itself
+            elif levels[j] == levels[i]:
+                j += 1
+            else:
+                break
+        units.append((min(levels[i:j]), f, i, j))
+        i = j
+    for top in range(max(u[0] for u in units), 0, -1):  # L2: reverse runs at >= top
+        k = 0
+        while k < len(units):
+            if units[k][0] >= top:
+                m = k
+                while m < len(units) and units[m][0] >= top:
+                    m += 1
+                units[k:m] = units[k:m][::-1]
+                k = m
+            else:
+                k += 1
+    pieces = []  # (left space px, face, drawn text, glyph order or None, right space px)
+    for level, f, a, b in units:
+        run = text[a:b]
+        body = run.strip(" ")
+        lead = len(run) - len(run.lstrip(" "))
+        trail = len(run) - len(run.rstrip(" ")) if body else 0
+        if level % 2:
+            lead, trail = trail, lead  # logical trailing spaces sit on the left
+        order = None
+        if level % 2 and not f.spec.shaped:
+            order = body[::-1]
+            body = "".join(_MIRROR.get(c, c) for c in order)
+        pieces.append((lead * f.space, f, body, order, trail * f.space))
+    total = sum(a + (f.measure(t) if t else 0.0) + b for a, f, t, _, b in pieces)
+    x = x0 + width - total if rtl else x0
+    ops = []
+    for left, f, body, order, right in pieces:
+        x += left
+        if body:
+            op = (TEXT, int(x + 0.5), y, f, body)
+            ops.append(op if order is None else op + (order,))
+            x += f.measure(body)
+        x += right
     return ops
 
 

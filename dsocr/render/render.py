@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,14 +56,25 @@ class PageStyle:
     def __post_init__(self):
         if self.font not in FAMILIES:
             raise ValueError(f"font must be one of {FAMILIES}, got {self.font!r}")
+        lowest = dict(width=1, height=1, columns=1, margin=0, column_gap=0, background=0)
+        for name, low in {**lowest, "foreground": 0}.items():
+            v = getattr(self, name)
+            if v is None and name in ("width", "height"):
+                continue
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")
+        for name in ("font_size", "line_height", "dpi"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if self.font_size < 4:
             raise ValueError(f"font_size must be >= 4 px, got {self.font_size}")
         if self.line_height < 0.5:
             raise ValueError(f"line_height must be >= 0.5, got {self.line_height}")
-        if self.columns < 1 or self.margin < 0 or self.column_gap < 0 or self.dpi <= 0:
-            raise ValueError(f"bad columns/margin/column_gap/dpi in {self}")
+        if self.dpi <= 0:
+            raise ValueError(f"dpi must be > 0, got {self.dpi}")
         for grey in (self.background, self.foreground):
-            if not 0 <= grey <= 255:
+            if grey > 255:
                 raise ValueError(f"grey levels must be in 0..255, got {grey}")
         if self.column_width < self.font_size:
             raise ValueError(f"columns of {self.column_width} px are too narrow for {self}")
@@ -139,14 +152,15 @@ def glyph_centers(
             for op in item.ops:
                 if op[0] != TEXT:
                     continue
-                _, x, base, f, run = op
+                _, x, base, f, run = op[:5]
+                chars = op[5] if len(op) > 5 else run  # unmirrored, for reversed RTL runs
                 cy = oy + base - 0.3 * style.font_size
                 if f.spec.shaped:
                     cx = ox + x + f.measure(run) / 2
                     glyphs += [(ch, cx, cy) for ch in run if not ch.isspace()]
                     continue
                 left = 0.0
-                for i, ch in enumerate(run):
+                for i, ch in enumerate(chars):
                     right = f.font.getlength(run[: i + 1])
                     if not ch.isspace():
                         glyphs.append((ch, ox + x + (left + right) / 2, cy))
@@ -231,7 +245,7 @@ def _draw(page: Placed, style: PageStyle) -> Image.Image:
         ox, oy = style.margin + col * step, style.margin + y
         for op in item.ops:
             if op[0] == TEXT:
-                _, x, base, f, s = op
+                _, x, base, f, s = op[:5]
                 draw.text(
                     (ox + x, oy + base),
                     s,
