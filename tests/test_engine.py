@@ -12,6 +12,7 @@ import sys
 import threading
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -690,7 +691,9 @@ def test_bfloat16_engine_with_real_images(tiny_cfg):
         (dict(stop=""), "stop strings must be non-empty strings"),
         (dict(stop=(3,)), "stop strings must be non-empty strings"),
         (dict(stop_token_ids=(-1,)), "stop_token_ids must be token ids"),
-        (dict(seed="7"), "seed must be an integer or None"),
+        (dict(seed="7"), "seed must be an integer"),
+        (dict(seed=2**64), r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None"),
+        (dict(temperature=-0.5), "temperature must be >= 0"),
     ],
 )
 def test_generation_params_refuse_bad_values_with_value_error(kwargs, why):
@@ -825,3 +828,124 @@ def test_reset_from_the_callback_aborts_everything(tiny_cfg):
     n = len(out[0].token_ids)  # what the first step made (prefill token + one decode)
     assert 1 <= n < 8 and out[0].token_ids == alone.token_ids[:n] and out[1].token_ids == []
     assert not engine.has_unfinished()
+
+
+# --------------------------------------------------------------------------- audit regressions
+
+
+def test_sampling_edge_temperatures():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    g = torch.Generator().manual_seed(0)
+    # A tiny temperature is (near-)greedy, not NaN probabilities inside multinomial.
+    for t in (1e-30, 1e-45, 1e-300):
+        assert int(sample(logits, t, 1.0, g)) == 0
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        sample(logits, -1.0, 1.0, g)
+    # numpy integer seeds are accepted and normalised like the other integer fields
+    seed = GenerationParams(seed=np.int64(7), temperature=1.0).seed
+    assert seed == 7 and type(seed) is int
+
+
+def test_loop_detector_ignores_empty_table_rows(tiny_cfg, tok):
+    td, td_end, tr, tr_end = (tok.token_to_id(t) for t in ("<td>", "</td>", "<tr>", "</tr>"))
+    row = [tr] + [td, td_end] * 10 + [tr_end]  # an empty 10-column row: 22 tokens
+    exempt = Engine(ScriptModel(tiny_cfg, lambda h: 40), tok).loop_exempt
+    assert exempt == {td, td_end, tr, tr_end}
+
+    def loops(tokens, exempt=exempt):
+        det = LoopDetector(exempt=exempt)
+        return any([det.push(t) for t in tokens])
+
+    assert not loops(row * 30) and not loops([td, td_end] * 200)
+    # a repeated row with content is still a loop, and so is anything without the exemption
+    assert loops(([tr] + [td, 40, td_end] * 10 + [tr_end]) * 30)
+    assert loops(row * 30, exempt=())
+
+
+def test_image_placeholder_count_is_checked_at_add(tiny_cfg):
+    img = tiny_cfg.image_token_id
+    model = ScriptModel(tiny_cfg, lambda history: 40)
+    engine = Engine(model, max_batch_size=2)
+    p = GenerationParams(max_new_tokens=2)
+    good = Request([0, 41, 42], p, request_id="good")
+    emb = torch.zeros(3, tiny_cfg.n_embed)
+    bad = [
+        Request([0, img, img, img, 41], p, image_embeds=emb[:2]),
+        Request([0, img, 41], p),
+        Request([0, 41], p, image_embeds=[emb]),
+    ]
+    for req in bad:
+        with pytest.raises(ValueError, match="<image> placeholders"):
+            engine.generate([good, req])
+        assert not engine.has_unfinished()
+    # the refused batch left nothing behind: the same id runs again
+    assert engine.generate([good])[0].finish_reason == "length"
+    ok = Request([0, img, img, img, 41], p, image_embeds=[emb[:1], emb[1:]])
+    engine.add_request(ok)
+    engine.reset()
+
+
+def test_a_failed_step_leaves_the_engine_usable(tiny_cfg):
+    # NaN logits make the sampler raise after the forward: the failed step must change nothing
+    # (no position advanced past a token that was never appended), and a failed prefill must
+    # free its batch's rows and ids.
+    model = ScriptModel(tiny_cfg, _counting_rule)
+    p = GenerationParams(max_new_tokens=6, detect_loops=False, ignore_eos=True)
+    p = replace(p, temperature=1.0, seed=3)
+    reqs = [Request([0] + _ids(3 + i, i), p, request_id=f"r{i}") for i in range(3)]
+    alone = {r.request_id: Engine(model).generate([r])[0].token_ids for r in reqs}
+    forward, fail = model.forward, set()
+    calls = itertools.count(1)
+
+    def flaky(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return out * float("nan") if next(calls) in fail else out
+
+    model.forward = flaky
+    engine = Engine(model, max_batch_size=3)
+    fail.add(3)  # the second decode step
+    engine.add_request(reqs[0])
+    engine.step()  # prefill + first decode
+    with pytest.raises(RuntimeError):
+        engine.step()
+    got = []
+    while engine.has_unfinished():
+        got += [t for ev in engine.step() for t in ev.token_ids]
+    assert alone["r0"][2:] == got
+    # a failing prefill of r1, r2 leaves the running r0 alone and frees their ids
+    fail.clear()
+    engine.add_request(reqs[0])
+    engine.step()
+    fail.add(next(calls) + 1)
+    engine.add_request(reqs[1])
+    engine.add_request(reqs[2])
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert [s.request_id for s in engine.active] == ["r0"] and not engine.waiting
+    out = engine.generate(reqs[1:])  # r0 finishes alongside
+    assert [r.token_ids for r in out] == [alone["r1"], alone["r2"]]
+    assert not engine.has_unfinished()
+    # a forward that raises (out of memory) frees the ids too
+    model.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    engine.add_request(reqs[1])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    model.forward = forward
+    assert not engine.has_unfinished()
+    assert engine.generate([reqs[1]])[0].token_ids == alone["r1"]
+
+
+def test_an_interrupted_generate_drops_its_requests(tiny_cfg):
+    model = ScriptModel(tiny_cfg, _counting_rule)
+    p = GenerationParams(max_new_tokens=20, detect_loops=False, ignore_eos=True)
+    engine = Engine(model, max_batch_size=2)
+
+    def interrupt(ev):
+        raise KeyboardInterrupt
+
+    reqs = [Request([0] + _ids(3 + i, i), p) for i in range(5)]
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(reqs, on_event=interrupt)
+    assert not engine.has_unfinished()
+    (res,) = engine.generate([reqs[0]])
+    assert res.num_generated_tokens == 20

@@ -70,18 +70,21 @@ class GenerationParams:
     whitelists nothing; for dsocr's own tokenizers use ``sampling.ngram_whitelist_for(tok)``.
 
     Checked on construction (ValueError naming the field): ``max_new_tokens >= 1``, a finite
-    ``temperature``, ``top_p`` in (0, 1], ``ngram_size`` None or >= 2, ``ngram_window >= 1``,
-    loop settings in range. ``stop`` may be one string (wrapped into a tuple); empty stop strings
-    are refused (they would match at once). Sequences become tuples.
+    ``temperature >= 0``, ``top_p`` in (0, 1], ``seed`` None or in [-2**63, 2**64) (torch's
+    range), ``ngram_size`` None or >= 2, ``ngram_window >= 1``, loop settings in range. ``stop``
+    may be one string (wrapped into a tuple); empty stop strings are refused (they would match at
+    once). Sequences become tuples.
     """
 
     max_new_tokens: int = 256
-    temperature: float = 0.0  # <= 0: greedy
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None  # None: a fresh nondeterministic seed (only used when sampling)
     ignore_eos: bool = False  # benchmarks: always run max_new_tokens
     stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer); text is cut before them
+    # Stop strings (need a tokenizer); text is cut before them. Streaming holds back the last
+    # len(longest stop) - 1 characters, so no streamed text is later cut off.
+    stop: tuple[str, ...] = ()
     include_stop_str: bool = False
     ngram_size: int | None = None  # no-repeat n-gram over generated ids; None: off
     ngram_window: int = 100  # upstream vLLM default when omitted
@@ -107,13 +110,20 @@ class GenerationParams:
 
         integer("max_new_tokens", 1)
         number("temperature")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         number("top_p")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
+        seed = self.seed
+        if seed is not None and (
+            not isinstance(seed, numbers.Integral)
+            or isinstance(seed, bool)
+            or not -(2**63) <= seed < 2**64
         ):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {seed!r}")
+        if seed is not None:
+            object.__setattr__(self, "seed", int(seed))
         integer("ngram_size", 2, allow_none=True)
         integer("ngram_window", 1)
         integer("loop_max_period", 1)
@@ -198,7 +208,7 @@ class EngineStats:
 class _Sequence:
     """Engine-side state of one admitted request (slot, position, generated ids, stopping)."""
 
-    def __init__(self, req: Request, request_id, t_add: float, tokenizer, device):
+    def __init__(self, req: Request, request_id, t_add: float, tokenizer, device, loop_exempt):
         self.req, self.request_id, self.params, self.t_add = req, request_id, req.params, t_add
         self.image_embeds = req.image_embeds  # filled at admission when only images are given
         params = req.params
@@ -218,7 +228,9 @@ class _Sequence:
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop may still need
         self.final_len: int | None = None  # text length when a stop string cut it
         self.loops = (
-            LoopDetector(params.loop_max_period, params.loop_min_repeats, params.loop_min_tokens)
+            LoopDetector(
+                params.loop_max_period, params.loop_min_repeats, params.loop_min_tokens, loop_exempt
+            )
             if params.detect_loops
             else None
         )
@@ -281,6 +293,10 @@ class Engine:
         self.decode_threads = decode_threads
         if model.device.type == "cpu" and dtype == torch.float32:
             fewrow.load()  # build the few-row kernel now, not inside the first decode step
+        # Empty table rows repeat exactly: blocks of only these never count as a loop.
+        tags = ("<td>", "</td>", "<tr>", "</tr>")
+        ids = [tokenizer.token_to_id(t) for t in tags] if tokenizer is not None else []
+        self.loop_exempt = frozenset(i for i in ids if i is not None)
         self.cache: KVCache | None = None
         self.waiting: deque[_Sequence] = deque()
         self.active: list[_Sequence] = []  # active[i] lives in cache row i
@@ -304,8 +320,10 @@ class Engine:
 
         Raises ValueError for a request that cannot run: an empty prompt, ids outside the
         vocabulary, a prompt that leaves no position to generate into, both ``images`` and
-        ``image_embeds``, stop strings without a tokenizer, or a ``request_id`` already waiting or
-        running in this engine (ids given by the engine skip the ones in use).
+        ``image_embeds``, ``<image>`` placeholders that do not match the image rows (embedding
+        rows, or ``num_tokens`` of ``images``), stop strings without a tokenizer, or a
+        ``request_id`` already waiting or running in this engine (ids given by the engine skip the
+        ones in use).
         """
         if not isinstance(request, Request):
             request = Request(list(request))
@@ -321,6 +339,7 @@ class Engine:
             raise ValueError(f"prompt ids must be in [0, {vocab}), got {lo if lo < 0 else hi}")
         if request.images is not None and request.image_embeds is not None:
             raise ValueError("give a request images or image_embeds, not both")
+        self._check_image_rows(request)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
         limit = min(self.max_positions, self.fixed_seq_len or self.max_positions)
@@ -333,12 +352,35 @@ class Engine:
                 rid = next(self._ids)
         elif rid in self._live:
             raise ValueError(f"request_id {rid!r} is already waiting or running in this engine")
-        seq = _Sequence(request, rid, time.perf_counter(), self.tokenizer, self.model.device)
+        seq = _Sequence(
+            request, rid, time.perf_counter(), self.tokenizer, self.model.device, self.loop_exempt
+        )
         # The last token is never fed back, so n + max_new - 1 positions are used.
         seq.max_new = min(params.max_new_tokens, limit - n + 1)
         self.waiting.append(seq)
         self._live.add(rid)
         return rid
+
+    def _check_image_rows(self, request: Request) -> None:
+        """Placeholders must match the image rows: a mismatch would fail (or, under ``python -O``,
+        scatter wrongly) inside a batched prefill, taking the batch's other requests with it."""
+        image_id = self.model.config.image_token_id
+        slots = sum(1 for i in request.prompt_ids if i == image_id)
+        e = request.image_embeds
+        if e is not None:
+            rows = sum(int(t.shape[0]) for t in ([e] if isinstance(e, torch.Tensor) else e))
+        elif request.images:
+            counts = [getattr(im, "num_tokens", None) for im in request.images]
+            if any(not isinstance(c, int) for c in counts):
+                return  # not ImageInputs (a stand-in): the model checks at prefill
+            rows = sum(counts)
+        else:
+            rows = 0
+        if slots != rows:
+            raise ValueError(
+                f"prompt has {slots} <image> placeholders (id {image_id}) but its images give "
+                f"{rows} embedding rows"
+            )
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.active)
@@ -401,6 +443,7 @@ class Engine:
         A request aborted meanwhile (``abort`` from ``on_event``, or ``reset``) gets a ``Result``
         with ``finish_reason="abort"``: the ids generated before the abort, their text, no final
         event. Requests must have distinct ids (ValueError); if one is refused, none is queued.
+        If the run raises (or is interrupted), its unfinished requests are dropped from the engine.
         """
         ids: list[Hashable] = []
         try:
@@ -419,6 +462,11 @@ class Engine:
                 if ev.result is not None:
                     results[ev.request_id] = ev.result
             aborted = self._aborted
+        except BaseException:  # e.g. Ctrl-C: this call's requests must not linger in the engine
+            for rid in ids:
+                if rid not in results:
+                    self.abort(rid)
+            raise
         finally:
             self._aborted = outer
         return [results[i] if i in results else aborted[i] for i in ids]
@@ -472,6 +520,16 @@ class Engine:
 
     def _admit(self, events: list[StreamEvent]) -> None:
         batch = self._take_newcomers()
+        try:
+            self._prefill(batch, events)
+        except BaseException:  # e.g. out of memory: the batch is dropped, the engine stays usable
+            for s in batch:
+                if s.slot >= 0:
+                    self._retire(s)
+                self._live.discard(s.request_id)
+            raise
+
+    def _prefill(self, batch: list[_Sequence], events: list[StreamEvent]) -> None:
         t0 = time.perf_counter()
         device = self.model.device
         lens = [len(s.req.prompt_ids) for s in batch]
@@ -516,9 +574,9 @@ class Engine:
         positions = torch.tensor([[s.pos] for s in seqs], device=device)  # (B, 1)
         with decode_threads(self.decode_threads):
             logits = self._decode(ids, positions, self.cache.rows(0, len(seqs)))  # (B, V)
-        for s in seqs:
-            s.pos += 1
         tokens = self._select(logits, seqs)
+        for s in seqs:  # only now: a step that raises leaves every row as it was
+            s.pos += 1
         t1 = time.perf_counter()
         self.stats.decode_s += t1 - t0
         self.stats.decode_tokens += len(seqs)

@@ -74,14 +74,19 @@ def sample(
 ) -> torch.Tensor:
     """One draw from softmax(logits / temperature) after top-p filtering.
 
-    logits (V,) or (B, V) -> ids () or (B,). ``temperature <= 0`` is greedy (no draw, generator
-    untouched). All rows use the same generator; the engine calls this once per request row.
+    logits (V,) or (B, V) -> ids () or (B,). ``temperature == 0`` is greedy (no draw, generator
+    untouched); a negative one is a ValueError. All rows use the same generator; the engine calls
+    this once per request row.
     """
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number, got {temperature}")
-    if temperature <= 0.0:
+    if not math.isfinite(temperature) or temperature < 0.0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if temperature == 0.0:
         return greedy(logits)
-    scaled = top_p_filter(logits.float() / temperature, top_p)
+    # Shift the max to 0 and floor the temperature at float32's smallest normal, so that a tiny
+    # temperature gives -inf / 0 (near-greedy), never inf - inf = NaN.
+    logits = logits.float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = top_p_filter(shifted / max(temperature, torch.finfo(torch.float32).tiny), top_p)
     probs = scaled.softmax(dim=-1)
     squeeze = probs.ndim == 1
     ids = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)  # (B, 1)
@@ -149,12 +154,20 @@ class LoopDetector:
     """Flags a sequence whose tail is one block of k <= ``max_period`` tokens repeated.
 
     A loop is reported once the tail is periodic for at least ``min_repeats`` full periods *and*
-    ``min_tokens`` tokens (the second guard keeps short legitimate runs, e.g. ``----`` or empty
-    table cells, from counting). Incremental: ``run[k]`` counts the trailing tokens equal to the
-    token k places earlier, so each ``push`` costs O(max_period).
+    ``min_tokens`` tokens (the second guard keeps short legitimate runs, e.g. ``----``, from
+    counting). A block made only of ``exempt`` ids never counts (the engine passes the table tags
+    ``<td>``, ``</td>``, ``<tr>``, ``</tr>``: the rows of an empty table repeat exactly).
+    Incremental: ``run[k]`` counts the trailing tokens equal to the token k places earlier, so each
+    ``push`` costs O(max_period).
     """
 
-    def __init__(self, max_period: int = 128, min_repeats: int = 10, min_tokens: int = 200):
+    def __init__(
+        self,
+        max_period: int = 128,
+        min_repeats: int = 10,
+        min_tokens: int = 200,
+        exempt: Iterable[int] = (),
+    ):
         if max_period < 1 or min_repeats < 2:
             raise ValueError(
                 f"loop detector needs max_period >= 1 and min_repeats >= 2, got "
@@ -164,18 +177,26 @@ class LoopDetector:
         self.tokens: list[int] = []
         self.run = [0] * (max_period + 1)  # run[k]: trailing positions j with t[j] == t[j - k]
         self.period: int | None = None  # the period found, once a loop is detected
+        self.exempt = frozenset(exempt)
+        self.exempt_run = 0  # trailing exempt tokens: a block of k is all exempt iff >= k
 
     def push(self, token: int) -> bool:
         """Append one token; True when the tail now forms a loop."""
         t = self.tokens
         t.append(token)
         n = len(t)
+        self.exempt_run = self.exempt_run + 1 if token in self.exempt else 0
         found = None
         for k in range(1, min(self.max_period, n - 1) + 1):
             if t[n - 1 - k] == token:
                 self.run[k] += 1
                 span = self.run[k] + k  # the periodic tail's length
-                if found is None and span >= k * self.min_repeats and span >= self.min_tokens:
+                if (
+                    found is None
+                    and span >= k * self.min_repeats
+                    and span >= self.min_tokens
+                    and self.exempt_run < k
+                ):
                     found = k
             else:
                 self.run[k] = 0
