@@ -651,3 +651,10 @@ def test_compress_imports_point_one_way():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_densest_layout_says_why_no_layout_could_render():
+    from dsocr.compress.codec import densest_layout
+
+    with pytest.raises(ValueError, match=r"mode tiny: unknown script: .*U\+1200 ETHIOPIC"):
+        densest_layout("hello \u1200 world", "tiny", None)

@@ -695,13 +695,15 @@ def densest_layout(
     w, _ = page_size_for_mode(mode)
     hi_font = candidates.max_font_size or max(candidates.min_font_size, w // 20)
     trials: dict[PageStyle, LayoutTrial] = {}
+    refusals: list[str] = []  # why compress refused a style, for the error when all are refused
 
     def evaluate(style: PageStyle) -> LayoutTrial | None:
         if style in trials:
             return trials[style]
         try:
             m = compress(text, mode, style)
-        except ValueError:  # e.g. margins leave no room at this size
+        except ValueError as e:  # e.g. margins leave no room at this size
+            refusals.append(str(e))
             return None
         got = decompress(m, ocr, prompt, source=text, max_new_tokens=max_new_tokens)
         trials[style] = LayoutTrial(style, got.precision, m.ratio, len(m.entries))
@@ -731,7 +733,8 @@ def densest_layout(
                     passing.append(best)
     pool = passing or list(trials.values())
     if not pool:
-        raise ValueError(f"no candidate layout could render the text for mode {mode.name}")
+        why = f": {refusals[-1]}" if refusals else ""
+        raise ValueError(f"no candidate layout could render the text for mode {mode.name}{why}")
     key = (lambda t: (t.ratio, t.precision)) if passing else (lambda t: (t.precision, t.ratio))
     best = max(pool, key=key)
     return LayoutChoice(
