@@ -83,6 +83,12 @@ def cmd_convert(args) -> int:
                 file=sys.stderr,
             )
 
+    _check_number("--batch-size", args.batch_size)
+    _check_number("--max-new-tokens", args.max_new_tokens)
+    _check_number("--replicas", args.replicas)
+    _check_number("--gpus-per-replica", args.gpus_per_replica, zero_ok=True)
+    if args.task == "locate" and args.ref is None and args.prompt is None:
+        raise ValueError("--task locate needs --ref (the phrase to find)")
     # convert() / convert_ray() fill a missing task and mode from the model's meta.json defaults.
     given = {k: v for k, v in (("task", args.task), ("mode", args.mode)) if v is not None}
     options = dict(
@@ -127,6 +133,11 @@ def cmd_convert(args) -> int:
     except (BackendUnavailable, RayUnavailable) as e:
         print(f"dsocr: error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # ray.init(address=...) found no cluster there
+        if not args.ray:
+            raise
+        print(f"dsocr: error: --ray-address {args.ray_address}: {e}", file=sys.stderr)
+        return 2
     except OutputError as e:
         print(f"dsocr: error: {e}", file=sys.stderr)
         return 1
@@ -142,6 +153,17 @@ def cmd_convert(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0-65535, got {args.port}")
+    for flag, value in (
+        ("--max-upload-mb", args.max_upload_mb),
+        ("--max-pages", args.max_pages),
+        ("--timeout", args.timeout),
+        ("--batch-size", args.batch_size),
+    ):
+        _check_number(flag, value)
+    _check_number("--max-queue", args.max_queue, zero_ok=True)
+    _check_listen(args.host, args.port)
     from dsocr.serve import serve
 
     serve(
@@ -158,6 +180,19 @@ def cmd_serve(args) -> int:
         allow_remote_urls=args.allow_remote_urls,
     )
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind once before the model loads, so a taken port or a bad --host is one line, not a log."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(address)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def cmd_tokens(args) -> int:
@@ -276,7 +311,8 @@ def cmd_compress(args) -> int:
 
 
 def _output_file(path: str):
-    """``--output`` checked before any decoding: not a folder, under a folder (or creatable)."""
+    """``--output`` checked before any decoding: not a folder, under a writable folder."""
+    import tempfile
     from pathlib import Path
 
     p = Path(path)
@@ -285,6 +321,10 @@ def _output_file(path: str):
     parent = next(a for a in p.absolute().parents if a.exists())
     if not parent.is_dir():
         raise ValueError(f"{p}: cannot create it, {parent} is a file, not a folder")
+    try:  # a real write, as os.access says yes to root and on read-only mounts
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise ValueError(f"{p}: cannot write the text ({e.strerror})") from None
     return p
 
 
@@ -356,6 +396,30 @@ def _read_text(path: str) -> str:
         raise ValueError(f"{path}: cannot read text ({e})") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, pointing at --help (and at the nearest subcommand for a typo)."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        typo = re.match(r"argument command: invalid choice: '([^']*)'", message)
+        names = getattr(self, "commands", [])
+        if typo and names:
+            near = difflib.get_close_matches(typo.group(1), names, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f" (commands: {', '.join(names)})"
+            message = f"unknown command '{typo.group(1)}'{hint}"
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+MODEL_HELP = "checkpoint folder, bundled model or variant (default: dsocr-mini)"
+# bench/*.py, listed here because an installed dsocr has no bench/ folder to scan
+BENCHMARKS = [
+    "compression", "data", "engine", "expert_gemv", "memory", "mini", "pages", "render", "serve",
+    "vision",
+]  # fmt: skip
+
+
 def _eval_run():
     from dsocr.eval import run
 
@@ -363,18 +427,14 @@ def _eval_run():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsocr", description="DeepSeek-OCR in plain PyTorch.")
+    p = _Parser(prog="dsocr", description="DeepSeek-OCR in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
     o = sub.add_parser("ocr", help="decode images to text with one prompt")
     o.add_argument(
         "images", nargs="+", help="image files (of a PDF, page 1; dsocr convert reads them all)"
     )
-    o.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint folder, bundled model or variant (default: dsocr-mini)",
-    )
+    o.add_argument("--model", default=None, help=MODEL_HELP)
     o.add_argument(
         "--mode",
         default=None,
@@ -422,11 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(MODES),
         help="default: what the model was trained for (meta.json), else gundam (official PDF mode)",
     )
-    v.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint folder, bundled model or variant (default: dsocr-mini)",
-    )
+    v.add_argument("--model", default=None, help=MODEL_HELP)
     v.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if present)"
     )
@@ -436,13 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="default: bfloat16 on GPUs, float32 on CPUs",
     )
-    v.add_argument("--batch-size", type=int, default=8, help="pages decoded together")
+    v.add_argument("--batch-size", type=int, default=8, help="pages decoded together (default: 8)")
     v.add_argument("--pages", default=None, help="page ranges, e.g. 1-5,9 (1-based)")
     v.add_argument(
         "--dpi", type=float, default=144, help="PDF rasterisation (default: 144, as official)"
     )
     v.add_argument("--password", default=None, help="for encrypted PDFs")
-    v.add_argument("--max-new-tokens", type=int, default=8192)
+    v.add_argument("--max-new-tokens", type=int, default=8192, help="per page (default: 8192)")
     v.add_argument(
         "--tables-to-markdown",
         action="store_true",
@@ -457,8 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--ray", action="store_true", help="spread documents over a Ray cluster (dsocr[ray])"
     )
-    v.add_argument("--replicas", type=int, default=2, help="model replicas (--ray)")
-    v.add_argument("--gpus-per-replica", type=float, default=0, help="(--ray)")
+    v.add_argument("--replicas", type=int, default=2, help="model replicas (--ray; default: 2)")
+    v.add_argument(
+        "--gpus-per-replica", type=float, default=0, help="GPUs per replica (--ray; default: 0)"
+    )
     v.add_argument("--ray-address", default=None, help="cluster address (--ray; default: local)")
     v.set_defaults(func=cmd_convert)
 
@@ -471,16 +529,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (pip install dsocr[serve])")
-    s.add_argument("--model", default=None)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--device", default=None)
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    s.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--max-upload-mb", type=float, default=20.0)
-    s.add_argument("--max-pages", type=int, default=50)
-    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    s.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    s.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="per body or image (default: 20)"
+    )
+    s.add_argument("--max-pages", type=int, default=50, help="per /v1/ocr request (default: 50)")
+    s.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds per request (default: 300)"
+    )
+    s.add_argument(
+        "--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)"
+    )
+    s.add_argument(
+        "--batch-size", type=int, default=8, help="requests decoded together (default: 8)"
+    )
     s.add_argument(
         "--allow-remote-urls",
         action="store_true",
@@ -490,16 +556,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tokens", help="vision tokens an image of WIDTH x HEIGHT costs per mode")
-    t.add_argument("width", type=int)
-    t.add_argument("height", type=int)
-    t.add_argument("--mode", default=None, choices=list(MODES))
+    t.add_argument("width", type=int, help="image width in px")
+    t.add_argument("height", type=int, help="image height in px")
+    t.add_argument("--mode", default=None, choices=list(MODES), help="default: every mode")
     t.set_defaults(func=cmd_tokens)
 
     c = sub.add_parser("compress", help="render a text file to page images + manifest")
-    c.add_argument("text_file")
-    c.add_argument("--mode", default="tiny", choices=list(MODES))
+    c.add_argument("text_file", help="UTF-8 text file")
+    c.add_argument("--mode", default="tiny", choices=list(MODES), help="(default: tiny)")
     c.add_argument("--out", "-o", required=True, help="output folder")
-    c.add_argument("--font", default=None, choices=["sans", "serif", "mono"])
+    c.add_argument(
+        "--font", default=None, choices=["sans", "serif", "mono"], help="(default: sans)"
+    )
     c.add_argument("--font-size", type=int, default=None, help="px (default: scaled to the page)")
     c.add_argument("--line-height", type=float, default=None, help="x font size (default: 1.2)")
     c.add_argument(
@@ -519,26 +587,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("decompress", help="decode a compressed folder back to text")
-    d.add_argument("folder")
-    d.add_argument("--model", default=None)
+    d.add_argument("folder", help="a dsocr compress output folder")
+    d.add_argument("--model", default=None, help=MODEL_HELP)
     d.add_argument("--source", default=None, help="the original text file, to report precision")
-    d.add_argument("--prompt", default="<image>\nFree OCR.")
+    d.add_argument(
+        "--prompt", default="<image>\nFree OCR.", help="(default: '<image>\\nFree OCR.')"
+    )
     d.add_argument(
         "--max-new-tokens", type=int, default=None, help="per page (default: from its text tokens)"
     )
-    d.add_argument("--device", default=None)
-    d.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    d.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
+    d.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16 on GPU",
+    )
     d.add_argument("--output", "-o", default=None, help="write the text here (default: stdout)")
     d.set_defaults(func=cmd_decompress)
 
     b = sub.add_parser("bench", help="run a benchmark script from bench/ (source checkout)")
-    b.add_argument("name", choices=["compression", "engine", "data", "render"])
+    b.add_argument("name", choices=BENCHMARKS, help="the script, bench/NAME.py")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="describe a model")
-    i.add_argument("--model", default=None)
+    i.add_argument("--model", default=None, help=MODEL_HELP)
     i.set_defaults(func=cmd_info)
+    p.commands = list(sub.choices)  # for _Parser's "did you mean"
     return p
 
 
@@ -552,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"dsocr: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dsocr: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
