@@ -156,9 +156,8 @@ def test_bench_lists_every_script_in_bench():
     assert sorted(name.choices) == sorted(f.stem for f in (ROOT / "bench").glob("*.py"))
 
 
-@pytest.mark.parametrize("command", sorted(set(_subparsers()) - {"eval"}))
+@pytest.mark.parametrize("command", sorted(_subparsers()))
 def test_every_option_has_help(command):
-    """eval's options are added by dsocr.eval.run.add_arguments."""
     missing = [a.option_strings or a.dest for a in _subparsers()[command]._actions if not a.help]
     assert not missing, missing
 

@@ -468,10 +468,20 @@ def add_arguments(ap) -> None:
         default=None,
         help="resolution mode, or a comma list (tiny,small,base); default: the model's own",
     )
-    ap.add_argument("--prompt", default="<image>\nFree OCR.")
-    ap.add_argument("--max-new-tokens", type=int, default=2048)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--peers", default="", help="comma list: tesseract,rapidocr")
+    ap.add_argument(
+        "--prompt",
+        default="<image>\nFree OCR.",
+        help="prompt for the dsocr model (default: Free OCR, the plain-text task)",
+    )
+    ap.add_argument(
+        "--max-new-tokens", type=int, default=2048, help="decode budget per page (default 2048)"
+    )
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if any)")
+    ap.add_argument(
+        "--peers",
+        default="",
+        help="comma list of classic OCR peers: tesseract,rapidocr (default: none)",
+    )
     ap.add_argument(
         "--tesseract-lang",
         default=None,
@@ -482,7 +492,7 @@ def add_arguments(ap) -> None:
         "-o",
         "--output",
         default="eval.md",
-        help="Markdown report path (docs/benchmarks/eval.md in a checkout)",
+        help="Markdown report path (default eval.md; docs/benchmarks/eval.md in a checkout)",
     )
     ap.add_argument("--json", default=None, help="also write rows with per-page scores as JSON")
 
