@@ -29,7 +29,8 @@ from dsocr.pipeline.workspace import BatchSummary, Workspace
 
 
 class RayUnavailable(RuntimeError):
-    """Ray (with Ray Data) is not installed."""
+    """Ray (with Ray Data) is not installed, no cluster answers at the address, or the cluster
+    lacks the resources one replica asks for; ``str(e)`` is one line."""
 
 
 def _import_ray():
@@ -88,6 +89,10 @@ def convert_ray(
     """
     from dsocr.api import model_defaults
 
+    if type(replicas) is not int or replicas < 1:
+        raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+    if docs_per_batch < 1 or num_cpus < 0 or num_gpus < 0:
+        raise ValueError("docs_per_batch must be >= 1, num_cpus and num_gpus >= 0")
     ray = _import_ray()
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
@@ -98,7 +103,11 @@ def convert_ray(
     results: dict[str, dict] = {}
     if todo:
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as e:
+                raise RayUnavailable(f"no Ray cluster at {address!r}: {e}") from None
+        _check_resources(ray.cluster_resources(), num_cpus, num_gpus)
         ds = ray.data.from_items([{"path": str(p.path), "stem": p.stem} for p in todo])
         ds = ds.repartition(max(1, len(todo) // max(1, docs_per_batch)))
         out = ds.map_batches(
@@ -120,6 +129,16 @@ def convert_ray(
     docs = [_collect(p, results.get(p.stem), workspace) for p in planned]
     workspace.write_summary(BatchSummary.from_documents(docs))
     return docs
+
+
+def _check_resources(have: dict, num_cpus: float, num_gpus: float) -> None:
+    """A replica must fit the cluster: Ray would otherwise wait for the resources forever."""
+    for name, need in (("CPU", num_cpus), ("GPU", num_gpus)):
+        if need > have.get(name, 0):
+            raise RayUnavailable(
+                f"each replica asks for {need:g} {name}(s), but the Ray cluster has "
+                f"{have.get(name, 0):g}"
+            )
 
 
 def _collect(p: PlannedInput, row: dict | None, ws: Workspace) -> Document:

@@ -44,7 +44,7 @@ def _page_texts(out: Path, stem: str) -> list[str]:
 
 def test_ray_output_equals_single_process_and_resumes(tiny_model, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'dsocr[ray]'")
-    from dsocr.distributed import convert_ray
+    from dsocr.distributed import RayUnavailable, convert_ray
 
     folder = save_checkpoint(tiny_model, tmp_path / "ckpt", tokenizer=Tokenizer(byte_tokenizer()))
     inputs = _docs(tmp_path / "in")
@@ -67,6 +67,11 @@ def test_ray_output_equals_single_process_and_resumes(tiny_model, tmp_path):
             [tmp_path / "in" / "nope.pdf"], tmp_path / "ray", model=str(folder), **kw
         )
         assert missing[0].status == "failed" and "nope.pdf" in missing[0].error
+        # a replica the cluster cannot hold is refused, not waited for forever
+        with pytest.raises(RayUnavailable, match=r"asks for 1 GPU\(s\), but the Ray cluster has 0"):
+            convert_ray(inputs, tmp_path / "gpu", model=str(folder), num_gpus=1, **kw)
+        with pytest.raises(ValueError, match="replicas must be an integer >= 1, got 0"):
+            convert_ray(inputs, tmp_path / "none", model=str(folder), replicas=0, **kw)
     finally:
         ray.shutdown()
 
