@@ -24,7 +24,8 @@ Deviations from the official code, all in the direction of never crashing on mod
   text are kept; values are clamped to 0-999 and corners sorted;
 - a ref with an unclosed or missing det, a det that never closes before the next ref, and text
   before the first ref (or output without any ref, e.g. from "Free OCR.") are all kept as blocks;
-- stray ``<|ref|>``/``<|det|>`` tags left inside content are removed;
+- stray ``<|ref|>``/``<|det|>`` tags left inside content are removed, and so is the label of an
+  unclosed ``<|ref|>`` that ends its segment on the same line (a label cut off by the token limit);
 - one crop per *box* of an ``image`` block, named per block (the official runner counts crops per
   box but links per ref, so its names disagree when a ref has several boxes);
 - the equation-tag regex runs with DOTALL, so multi-line ``\\[...\\]`` are cleaned too;
@@ -52,14 +53,19 @@ Box = tuple[int, int, int, int]  # (x1, y1, x2, y2)
 
 # A ref tag, optionally followed by a det tag. Label and closed det body are non-greedy DOTALL as in
 # the official `(<\|ref\|>(.*?)<\|/ref\|><\|det\|>(.*?)<\|/det\|>)`, but may not run across the
-# next `<|ref|>`. An unclosed det (output cut off) takes only box-list characters.
+# next `<|ref|>`. An unclosed det takes a box list up to its first `]]`, else (output cut off)
+# box-list characters up to the end of the line, so the content after it is kept.
 _NOT_REF = r"(?:(?!<\|ref\|>).)"
+_OPEN_DET = r"\[[\[\]\d \t,.+\-]*?\]\]|[\[\]\d \t,.+\-]*"
 _TAG_RE = re.compile(
     r"<\|ref\|>(?P<label>" + _NOT_REF + r"*?)<\|/ref\|>"
-    r"(?:<\|det\|>(?:(?P<det>" + _NOT_REF + r"*?)<\|/det\|>|(?P<open>[\[\]\d\s,.+\-]*)))?",
+    r"(?:<\|det\|>(?:(?P<det>" + _NOT_REF + r"*?)<\|/det\|>|(?P<open>" + _OPEN_DET + r")))?",
     re.DOTALL,
 )
 _STRAY_TAG_RE = re.compile(r"<\|/?(?:ref|det)\|>")
+# An unmatched ref whose rest of the segment is one line: a label cut off by the token limit
+# (``...<|ref|>tex``) or abandoned (``<|ref|>text<|ref|>title<|/ref|>...``); not content.
+_DANGLING_REF_RE = re.compile(r"<\|ref\|>[^\n]*\Z")
 _BOX_RE = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -153,6 +159,7 @@ def _content(raw: str, start: int, end: int) -> tuple[str, int]:
     """
     seg = raw[start:end]
     stripped_end = start + len(seg.rstrip())
+    seg = _DANGLING_REF_RE.sub("", seg.rstrip())
     text = _STRAY_TAG_RE.sub("", seg).strip("\r\n").rstrip()
     return text, stripped_end
 
