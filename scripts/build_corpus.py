@@ -17,8 +17,10 @@ Then::
 
 The held-out split is by *document group*: a chapter is held out in every language at once, so no
 translation of a held-out chapter reaches training. Membership is a hash of the group name, so it
-does not depend on which packages are installed. Writes ``train.jsonl``, ``heldout.jsonl`` (rows:
-doc, group, lang, source, text) and ``manifest.json`` (counts and sha256 of each file).
+does not depend on which packages are installed. Held-out lines that also occur in training text
+(``SHARED_LINE_CHARS``) are dropped from the held-out rows. Writes ``train.jsonl``,
+``heldout.jsonl`` (rows: doc, group, lang, source, text) and ``manifest.json`` (counts, skipped
+sources, and sha256 of each file).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 HELDOUT_PERCENT = 8
+# A held-out line of at least this many characters that also occurs in a training document (a
+# footer, an untranslated paragraph, a chapter title in another chapter's table of contents) is
+# dropped from the held-out text, so that no held-out text is trained on.
+SHARED_LINE_CHARS = 40
 SKIP_TAGS = {"script", "style", "nav", "head", "title", "pre"}
 BLOCK_TAGS = {
     "p",
@@ -100,6 +106,10 @@ def is_heldout(group: str) -> bool:
     return h % 100 < HELDOUT_PERCENT
 
 
+def _line_key(line: str) -> bytes:
+    return hashlib.blake2b(line.casefold().encode(), digest_size=8).digest()
+
+
 def sources():
     """(doc id, group, lang, source, path) for every document found."""
     hb = Path("/usr/share/doc/debian-handbook/html")
@@ -149,6 +159,9 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
     counts = {"train": 0, "heldout": 0}
     chars = {"train": 0, "heldout": 0}
     langs: dict[str, int] = {}
+    train_lines: set[bytes] = set()
+    held: list[dict] = []  # written last, without the lines training text also has
+    skipped = {"unreadable": 0, "too_short": 0}
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = {s: out / f".{s}.jsonl.tmp" for s in counts}
@@ -157,15 +170,37 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
         files = {s: tmp[s].open("w", encoding="utf-8") for s in counts}
         try:
             for doc, group, lang, source, path in sources() if docs is None else docs:
-                text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
-                if len(text) < min_chars:
+                try:
+                    text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
+                except OSError as e:
+                    print(f"skipped {doc}: cannot read {path}: {e}", file=sys.stderr)
+                    skipped["unreadable"] += 1
                     continue
-                split = "heldout" if is_heldout(group) else "train"
+                if len(text) < min_chars:
+                    skipped["too_short"] += 1
+                    continue
                 row = {"doc": doc, "group": group, "lang": lang, "source": source, "text": text}
-                files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
-                counts[split] += 1
-                chars[split] += len(text)
-                langs[lang] = langs.get(lang, 0) + len(text)
+                if is_heldout(group):
+                    held.append(row)
+                    continue
+                train_lines.update(
+                    _line_key(x) for x in text.split("\n") if len(x) >= SHARED_LINE_CHARS
+                )
+                _write(files["train"], row, counts, chars, langs, "train")
+            shared = 0
+            for row in held:
+                lines = row["text"].split("\n")
+                kept = [
+                    x
+                    for x in lines
+                    if len(x) < SHARED_LINE_CHARS or _line_key(x) not in train_lines
+                ]
+                shared += len(lines) - len(kept)
+                row["text"] = "\n".join(kept)
+                if len(row["text"]) < min_chars:
+                    skipped["too_short"] += 1
+                    continue
+                _write(files["heldout"], row, counts, chars, langs, "heldout")
         finally:
             for f in files.values():
                 f.close()
@@ -177,6 +212,8 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
         manifest = {
             "heldout_percent": HELDOUT_PERCENT,
             "documents": counts,
+            "skipped_documents": skipped,
+            "heldout_lines_dropped_as_in_train": shared,
             "chars": chars,
             "chars_by_lang": dict(sorted(langs.items())),
             "files": {},
@@ -203,6 +240,13 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
             out.rmdir()
 
 
+def _write(f, row: dict, counts: dict, chars: dict, langs: dict, split: str) -> None:
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    counts[split] += 1
+    chars[split] += len(row["text"])
+    langs[row["lang"]] = langs.get(row["lang"], 0) + len(row["text"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -215,7 +259,8 @@ def main(argv=None) -> int:
     except NoDocuments as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({k: m[k] for k in ("documents", "chars")}, indent=1))
+    keys = ("documents", "chars", "skipped_documents", "heldout_lines_dropped_as_in_train")
+    print(json.dumps({k: m[k] for k in keys}, indent=1))
     return 0
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -254,6 +255,12 @@ def test_resume_reaches_the_same_weights(tmp_path, noise):
     assert any("eval_loss" in r for r in log)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
@@ -265,7 +272,7 @@ def test_ddp_two_cpu_processes(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29561",
+        str(_free_port()),  # a fixed port collides with another run of the suite
         "-m",
         "dsocr.train.loop",
         "--model",

@@ -4,8 +4,7 @@ The paper's "data engine" (§3.4) at our scale: real text (Debian documentation 
 corpora, built by ``scripts/build_corpus.py`` into ``train.jsonl`` / ``heldout.jsonl``, split by
 document) is rendered with ``dsocr.render`` in varied styles (font, size, line height, margins,
 columns), optionally degraded like a scan, and labelled with exactly the text placed on the page.
-Real PDF pages with their text layer (coarse labels, as the paper's fitz labels) come from
-``pdf_pages`` corpora rows when present.
+Real PDF pages (the paper's coarse labels) are not generated here yet: every sample is rendered.
 
 Determinism: every sample is a pure function of (seed, split, step, rank, index), so batches are
 reproducible, resumable and identical across worker counts.
@@ -18,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -193,10 +193,19 @@ def make_sample(recipe: DataRecipe, rng: random.Random, docs) -> Sample:
             blur=rng.choice((0, 0.5, 0.8)),
             noise=rng.choice((0, 4, 8)),
             jpeg_quality=rng.choice((None, 60, 85)),
-            rotate_deg=rng.uniform(-1.0, 1.0),
+            rotate_deg=rng.uniform(-1.0, 1.0) * max_rotation(size, style.margin),
         )
     target = page.text.strip()
     return Sample(image.convert("RGB"), PROMPTS[task], target, mode, glyphs)
+
+
+def max_rotation(size: int, margin: int, limit: float = 1.0) -> float:
+    """The largest rotation (degrees, at most ``limit``) about the centre of a ``size`` px square
+    page that keeps the corners of its text area (``margin`` px in) on the page, 1 px to spare:
+    text rotated off the page would still be in the target."""
+    c = size / 2
+    reach = (c - 1) / ((c - margin) * math.sqrt(2))  # sin(45 deg + max angle)
+    return limit if reach >= 1 else max(0.0, min(limit, math.degrees(math.asin(reach)) - 45.0))
 
 
 def cell_targets(
