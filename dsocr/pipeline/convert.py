@@ -79,6 +79,7 @@ from dsocr.pipeline.providers import (
     canonical_page_spec,
     discover_inputs,
     iter_pages,
+    missing_reason,
     page_range_items,
     sniff_type,
     unique_stems,
@@ -438,7 +439,7 @@ def _identify(path: Path) -> tuple[str, str | None]:
             while block := f.read(1 << 20):
                 h.update(block)
     except FileNotFoundError:
-        raise InputError(path, "file not found") from None
+        raise InputError(path, missing_reason(path)) from None
     except IsADirectoryError:
         raise InputError(path, "is a directory, not a file") from None
     except OSError as e:

@@ -20,7 +20,8 @@ Decisions:
   render would exceed ``max_pixels`` are rendered at a lower dpi (with a warning) instead, and
   the page's ``dpi`` says which.
 - Images with transparency are flattened onto white (the official code drops alpha, which turns
-  transparent backgrounds black); 16-bit greyscale is scaled to 8 bits.
+  transparent backgrounds black); 16-bit greyscale is scaled to 8 bits, float images in
+  [0, 1] by 255. A camera MPO (a JPEG with preview frames) is one page.
 - PDFium is not thread-safe: every call into it holds one module-level lock, so several threads
   may iterate different documents (rendering is then serialised).
 - Output names: :func:`safe_stem` never escapes the output directory; :func:`unique_stems`
@@ -29,6 +30,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -199,11 +201,21 @@ def sniff_type(head: bytes) -> str | None:
     return None
 
 
+def missing_reason(path: Path) -> str:
+    """Why ``path`` (which does not exist) is missing: a dangling link says so."""
+    if path.is_symlink():
+        try:
+            return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+        except OSError:
+            return "broken symbolic link"
+    return "file not found"
+
+
 def _check_file(path: Path) -> str:
     """Existence, readability, non-emptiness and type of ``path``; returns the sniffed type."""
     try:
         if not path.exists():
-            raise InputError(path, "file not found")
+            raise InputError(path, missing_reason(path))
         if path.is_dir():
             raise InputError(path, "is a directory, not a file")
         if not path.is_file():  # opening a FIFO would block the whole batch
@@ -263,8 +275,9 @@ def iter_pages(
         return _iter_pdf(path, pdf, indices, n, dpi, max_pixels, extract_text)
     fp = open(path, "rb")  # noqa: SIM115 - kept open while frames are iterated
     try:
-        img = _open_image(path, fp, max_pixels)
-        n = getattr(img, "n_frames", 1)
+        with _named_warnings(path):
+            img = _open_image(path, fp, max_pixels)
+        n = _n_frames(img)
         indices = _select(path, pages, n)
     except BaseException:
         fp.close()
@@ -282,8 +295,8 @@ def count_pages(path: str | os.PathLike, password: str | None = None) -> int:
                 return len(pdf)
         finally:
             _close_pdf(pdf)
-    with open(path, "rb") as fp:
-        return getattr(_open_image(path, fp, None), "n_frames", 1)
+    with open(path, "rb") as fp, _named_warnings(path):
+        return _n_frames(_open_image(path, fp, None))
 
 
 # --- PDF -------------------------------------------------------------------------------------
@@ -395,6 +408,30 @@ def _open_image(path: Path, fp, max_pixels: int | None) -> Image.Image:
     return img
 
 
+def _n_frames(img: Image.Image) -> int:
+    """Pages of an image file. An MPO (a camera JPEG with a preview or depth image after the
+    photo) is one page: its later frames are not pages."""
+    return 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
+
+
+@contextlib.contextmanager
+def _named_warnings(path):
+    """Re-emit Pillow's warnings (``Corrupt EXIF data``) once each, prefixed with the file."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        seen = set()
+        for w in caught:  # after the block: re-emitting inside it would record again
+            if "PIL" not in Path(w.filename).parts:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif (w.category, str(w.message)) not in seen:
+                seen.add((w.category, str(w.message)))
+                msg = " ".join(str(w.message).split())
+                warnings.warn(f"{printable(path)}: {msg}", w.category, stacklevel=4)
+
+
 def _bomb_reason(e: Image.DecompressionBombError, max_pixels: int | None) -> str:
     """Pillow's bomb error (raised before the size is known to us) in our terms and limit."""
     m = re.search(r"\((\d+) pixels\)", str(e))
@@ -419,7 +456,7 @@ def _check_pixels(path, img: Image.Image, max_pixels: int) -> None:
 def _iter_image(path, fp, img, indices, n, max_pixels) -> Iterator[PageImage]:
     try:
         for i in indices:
-            with warnings.catch_warnings():
+            with _named_warnings(path), warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 try:
                     if n > 1:
@@ -428,6 +465,7 @@ def _iter_image(path, fp, img, indices, n, max_pixels) -> Iterator[PageImage]:
                     img.load()
                     frame = ImageOps.exif_transpose(img) or img
                     rgb = _to_rgb(frame)
+                    rgb.info.pop("exif", None)  # applied; later readers would warn again
                 except InputError:
                     raise
                 except Image.DecompressionBombError as e:
@@ -451,6 +489,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(img).astype(np.float64)
         top = 65535.0 if (mode.startswith("I;16") or a.max(initial=0) > 255) else 255.0
+        if mode == "F" and a.max(initial=0) <= 1.0:
+            top = 1.0  # a float image in [0, 1]
         a = np.clip(a * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
@@ -523,7 +563,7 @@ def discover_inputs(
                 elif _is_supported_name(m):
                     add(m)
         else:
-            raise InputError(item, "file not found")
+            raise InputError(item, missing_reason(p))
     return out
 
 
