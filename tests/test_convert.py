@@ -547,7 +547,7 @@ def test_options_validation_and_help():
         ConvertOptions(task="poem")
     with pytest.raises(ValueError, match="exactly one <image>"):
         ConvertOptions(prompt="no image here")
-    with pytest.raises(ValueError, match="needs ref"):
+    with pytest.raises(ValueError, match="needs a ref: the phrase to find"):
         ConvertOptions(task="locate")
     with pytest.raises(ValueError, match="unknown mode"):
         ConvertOptions(mode="huge")

@@ -85,3 +85,16 @@ def test_broken_symlink_is_named_as_such(ocr, tmp_path):
     assert by_name["a.png"].status == "converted"
     assert by_name["gone.png"].status == "failed"
     assert "broken symbolic link" in by_name["gone.png"].error
+
+
+def test_a_page_range_past_the_end_is_one_error_without_a_clip_warning(tmp_path):
+    from conftest import text_pdf
+
+    pdf = text_pdf(tmp_path / "one.pdf", ["only page"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match="one.pdf"):
+            list(iter_pages(pdf, pages="5"))
+        assert [str(w.message) for w in caught] == []
+        assert len(list(iter_pages(pdf, pages="1-5"))) == 1  # clipped: still warned
+        assert len(caught) == 1 and "one.pdf" in str(caught[0].message)

@@ -80,8 +80,7 @@ def test_pdf_page_ranges(tmp_path):
     with pytest.raises(InputError, match="reversed"):
         iter_pages(path, pages="3-2")
     with pytest.raises(InputError, match=r"five\.pdf: .*selects no page"):
-        with pytest.warns(UserWarning):
-            iter_pages(path, pages="9")
+        iter_pages(path, pages="9")  # the error alone: no "beyond" warning beside it
 
 
 def test_parse_page_ranges():
@@ -335,9 +334,8 @@ def test_page_range_messages_quote_the_range_as_written(tmp_path):
     with pytest.raises(ValueError, match=r"invalid page range '0-2'"):
         page_range_items("0-2")
     three = blank_pdf(tmp_path / "three.pdf", 3)
-    with pytest.raises(InputError, match=r"selects no page of a 3-page document"):
-        with pytest.warns(UserWarning, match=r"three\.pdf: page range '7-' is beyond"):
-            iter_pages(three, pages="7-")
+    with pytest.raises(InputError, match=r"three\.pdf: page range '7-' selects no page of a 3-"):
+        iter_pages(three, pages="7-")
     with pytest.warns(UserWarning, match=r"three\.pdf: page range '2-9' clipped to 2-3"):
         assert [p.index for p in iter_pages(three, pages="2-9")] == [1, 2]
     assert canonical_page_spec("3,2") == canonical_page_spec("2-3") == "2-3"

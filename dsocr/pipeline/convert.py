@@ -136,7 +136,7 @@ class ConvertOptions:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
         if self.prompt is None and self.task == "locate" and not self.ref:
-            raise ValueError("task 'locate' needs ref (the phrase to find)")
+            raise ValueError("task 'locate' needs a ref: the phrase to find (--ref)")
         n_images = self.resolved_prompt().count(IMAGE_TOKEN)
         if n_images != 1:
             raise ValueError(

@@ -164,16 +164,15 @@ def _select(path, pages: str | Sequence[int] | None, n: int) -> list[int]:
     if pages is None:
         return list(range(n))
     if isinstance(pages, str):
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    return parse_page_ranges(pages, n)
-                except ValueError as e:
-                    raise InputError(path, str(e)) from None
-        finally:
-            for w in caught:  # say which document a clipped range belongs to
-                warnings.warn(f"{printable(path)}: {w.message}", w.category, stacklevel=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                selected = parse_page_ranges(pages, n)
+            except ValueError as e:  # the error says it all: no clip warning beside it
+                raise InputError(path, str(e)) from None
+        for w in caught:  # say which document a clipped range belongs to
+            warnings.warn(f"{printable(path)}: {w.message}", w.category, stacklevel=3)
+        return selected
     bad = [i for i in pages if not 0 <= int(i) < n]
     if bad:
         raise InputError(path, f"page indices {bad} out of range for {n} pages (0-based)")
