@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from dsocr.configs import MODES
 
@@ -66,6 +67,53 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"dsocr: warning: {message}\n"
 
 
+def _count_documents(inputs, out) -> int:
+    """How many documents ``convert`` will report: the files the inputs expand to (the output
+    folder's excluded), a path that does not expand counting as one failed document."""
+    from dsocr.pipeline.providers import InputError, discover_inputs
+
+    seen, bad = set(), 0
+    for item in inputs:
+        try:
+            seen.update(p.resolve() for p in discover_inputs([item], exclude=out))
+        except (InputError, OSError):
+            bad += 1
+    return len(seen) + bad
+
+
+class _Progress:
+    """Documents done of the batch on stderr: a tqdm bar with pages and pages/s on a terminal,
+    and each document's line prefixed with its count (the only output when not a terminal)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.pages, self.t0 = total, 0, 0, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="doc", file=sys.stderr, dynamic_ncols=True)
+
+    def page(self, doc, page) -> None:  # noqa: ARG002 - convert's on_page signature
+        self.pages += 1
+        if self.bar is not None:
+            rate = self.pages / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.pages} pages, {rate:.2f} pages/s")
+
+    def document(self, line: str, counted: bool = True) -> None:
+        self.done += 1
+        text = f"[{self.done}/{max(self.total, self.done)}] {line}" if counted else line
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+            self.bar.update(1)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def cmd_convert(args) -> int:
     from dsocr.distributed import RayUnavailable
     from dsocr.pipeline.convert import convert
@@ -73,14 +121,16 @@ def cmd_convert(args) -> int:
     from dsocr.pipeline.workspace import BatchSummary, OutputError
     from dsocr.vllm_backend import BackendUnavailable
 
+    progress = _Progress(_count_documents(args.inputs, args.out))
+
     def report(doc):
         if doc.status == "failed":
-            print(f"dsocr: error: {doc.error}", file=sys.stderr)
+            progress.document(f"dsocr: error: {doc.error}", counted=False)
         else:
-            print(
+            progress.document(
                 f"{doc.status}: {printable(doc.source)} -> {printable(doc.folder)} "
-                f"({len(doc.pages)} pages, {len(doc.flagged_pages)} flagged)",
-                file=sys.stderr,
+                f"({len(doc.pages)} page{'s' * (len(doc.pages) != 1)}, "
+                f"{len(doc.flagged_pages)} flagged)"
             )
 
     _check_number("--batch-size", args.batch_size)
@@ -128,6 +178,7 @@ def cmd_convert(args) -> int:
                 out_dir=args.out,
                 backend=args.backend,
                 on_document=report,
+                on_page=progress.page,
                 **options,
             )
     except (BackendUnavailable, RayUnavailable) as e:
@@ -142,11 +193,14 @@ def cmd_convert(args) -> int:
         print(f"dsocr: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        progress.close()
         saved = BatchSummary.read(args.out)
         if saved is not None:
             print(saved.format(), file=sys.stderr)
         print("dsocr: interrupted; finished documents are kept, rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        progress.close()
     summary = BatchSummary.from_documents(docs)
     print(summary.format(), file=sys.stderr)
     return summary.exit_code

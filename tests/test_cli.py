@@ -211,3 +211,38 @@ def test_readme_status_numbers_come_from_the_linked_reports():
             assert number in text, f"{number} not in {links}: {row[:60]}"
             checked += 1
     assert checked > 10
+
+
+def test_convert_counts_documents_and_shows_a_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    import dsocr.cli as cli
+
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 48), "white").save(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    argv = ["convert", str(tmp_path / "in"), str(tmp_path / "gone.png"), "-o", str(tmp_path / "o")]
+    argv += ["--model", "tiny", "--device", "cpu", "--mode", "tiny", "--max-new-tokens", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    counted = [line for line in err if line.startswith("[")]
+    marks = [line.split("]")[0] for line in counted]  # "[k/4": errors count, unmarked
+    assert len(set(marks)) == 2 and all(m.endswith("/4") for m in marks)
+    assert all("(1 page, " in line for line in counted)
+    assert sum(line.startswith("dsocr: error: ") for line in err) == 2
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    progress = cli._Progress(2)
+    progress.page(None, None)
+    progress.document("converted: x")
+    progress.close()
+    shown = term.getvalue()
+    assert "[1/2] converted: x" in shown and "1/2" in shown and "pages/s" in shown

@@ -691,7 +691,7 @@ def test_cli_warnings_and_progress_are_one_line(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    assert f"dsocr: warning: {src}: page range '1-3' clipped to 1-1 (1 pages)" in lines
+    assert f"dsocr: warning: {src}: page range '1-3' clipped to 1-1 (1 page)" in lines
     assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
 
 

@@ -143,16 +143,14 @@ def parse_page_ranges(spec: str, n_pages: int) -> list[int]:
     selected: set[int] = set()
     for item, a, b in page_range_items(spec):
         b = n_pages if b is None else b
+        count = f"{n_pages} page{'s' * (n_pages != 1)}"
         if a > n_pages:
             warnings.warn(
-                f"page range {item!r} is beyond the document ({n_pages} pages); skipped",
-                stacklevel=2,
+                f"page range {item!r} is beyond the document ({count}); skipped", stacklevel=2
             )
             continue
         if b > n_pages:
-            warnings.warn(
-                f"page range {item!r} clipped to {a}-{n_pages} ({n_pages} pages)", stacklevel=2
-            )
+            warnings.warn(f"page range {item!r} clipped to {a}-{n_pages} ({count})", stacklevel=2)
             b = n_pages
         selected.update(range(a - 1, b))
     if not selected:
