@@ -98,3 +98,28 @@ def test_a_page_range_past_the_end_is_one_error_without_a_clip_warning(tmp_path)
         assert [str(w.message) for w in caught] == []
         assert len(list(iter_pages(pdf, pages="1-5"))) == 1  # clipped: still warned
         assert len(caught) == 1 and "one.pdf" in str(caught[0].message)
+
+
+def _tiff(path, frames):
+    """A multi-frame TIFF: (image, NewSubfileType) per frame."""
+    from PIL import TiffImagePlugin
+
+    with TiffImagePlugin.AppendingTiffWriter(str(path), True) as tf:
+        for im, subfile in frames:
+            im.save(tf, format="TIFF", tiffinfo={254: subfile})
+            tf.newFrame()
+    return path
+
+
+def test_tiff_preview_frames_are_not_pages(tmp_path):
+    page = Image.new("L", (300, 200), 255)
+    ImageDraw.Draw(page).text((10, 10), "page", fill=0)
+    thumb = page.resize((60, 40))
+    scan = _tiff(tmp_path / "scan.tif", [(page, 0), (thumb, 1), (page.rotate(180), 0)])
+    assert count_pages(scan) == 2
+    got = list(iter_pages(scan))
+    assert [p.image.size for p in got] == [(300, 200), (300, 200)] and got[1].index == 1
+    assert got[1].image.tobytes() == page.rotate(180).convert("RGB").tobytes()  # frame 3
+    only = _tiff(tmp_path / "only.tif", [(thumb, 1)])  # every frame marked: still read
+    assert [p.image.size for p in iter_pages(only)] == [(60, 40)]
+    assert got[0].dpi is None  # no resolution tag: unknown, not Pillow's 1 dpi

@@ -274,12 +274,12 @@ def iter_pages(
     try:
         with _named_warnings(path):
             img = _open_image(path, fp, max_pixels)
-        n = _n_frames(img)
-        indices = _select(path, pages, n)
+        frames = _page_frames(img)
+        indices = _select(path, pages, len(frames))
     except BaseException:
         fp.close()
         raise
-    return _iter_image(path, fp, img, indices, n, max_pixels)
+    return _iter_image(path, fp, img, indices, frames, max_pixels)
 
 
 def count_pages(path: str | os.PathLike, password: str | None = None) -> int:
@@ -405,10 +405,28 @@ def _open_image(path: Path, fp, max_pixels: int | None) -> Image.Image:
     return img
 
 
+def _page_frames(img: Image.Image) -> list[int]:
+    """The frames of an image file that are pages. An MPO (a camera JPEG with a preview or depth
+    image after the photo) is one page. A TIFF frame marked as a reduced-resolution copy of
+    another (NewSubfileType bit 0: a scanner's thumbnail or preview) is not a page, unless every
+    frame is marked."""
+    if img.format == "MPO":
+        return [0]
+    n = getattr(img, "n_frames", 1)
+    if img.format != "TIFF" or n == 1:
+        return list(range(n))
+    pages = []
+    for k in range(n):
+        img.seek(k)
+        if not int(img.tag_v2.get(254, 0) or 0) & 1:
+            pages.append(k)
+    img.seek(0)
+    return pages or list(range(n))
+
+
 def _n_frames(img: Image.Image) -> int:
-    """Pages of an image file. An MPO (a camera JPEG with a preview or depth image after the
-    photo) is one page: its later frames are not pages."""
-    return 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
+    """Pages of an image file (:func:`_page_frames`)."""
+    return len(_page_frames(img))
 
 
 @contextlib.contextmanager
@@ -450,14 +468,15 @@ def _check_pixels(path, img: Image.Image, max_pixels: int) -> None:
         )
 
 
-def _iter_image(path, fp, img, indices, n, max_pixels) -> Iterator[PageImage]:
+def _iter_image(path, fp, img, indices, frames, max_pixels) -> Iterator[PageImage]:
+    n = len(frames)
     try:
         for i in indices:
             with _named_warnings(path), warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 try:
-                    if n > 1:
-                        img.seek(i)
+                    if frames[i] != 0 or getattr(img, "n_frames", 1) > 1:
+                        img.seek(frames[i])
                         _check_pixels(path, img, max_pixels)
                     img.load()
                     frame = ImageOps.exif_transpose(img) or img
@@ -474,6 +493,8 @@ def _iter_image(path, fp, img, indices, n, max_pixels) -> Iterator[PageImage]:
                     ) from None
             dpi = img.info.get("dpi")
             dpi = float(dpi[0]) if isinstance(dpi, tuple) and dpi and dpi[0] else None
+            # no resolution tag reads as 1 dpi in Pillow; BMP's pixels per metre as 96.0119...
+            dpi = round(dpi, 1) if dpi is not None and dpi >= 10 else None
             yield PageImage(path, i, rgb, dpi, None, n)
     finally:
         img.close()
