@@ -1,7 +1,9 @@
 """Data-engine throughput: training pages per second per core, and per day on this machine.
 
 A page here is one finished training sample: text cut from the corpus, rendered in a random style
-(maybe degraded like a scan), preprocessed to the mode's tensors and tokenized with its labels.
+(maybe degraded like a scan), preprocessed to the mode's tensors and tokenized with its labels;
+or, in the PDF cases (``DataRecipe.pdf_share``, when the corpus has a PDF page index from
+scripts/build_pdf_pages.py), a real PDF page rasterised at 144 dpi with its text layer.
 
     python bench/data.py --corpus data/corpus --tokenizer data/mini/tokenizer.json
 
@@ -55,6 +57,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--pdf-index",
+        default=None,
+        help="PDF page index (default: <corpus>/pdf_pages.jsonl; no PDF cases without one)",
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "data.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -69,6 +76,13 @@ def main(argv=None) -> int:
             corpus=args.corpus, modes=("base",), min_chars=200, max_chars=3000
         ),
     }
+    index = args.pdf_index or (args.corpus and str(Path(args.corpus) / "pdf_pages.jsonl"))
+    if index and Path(index).is_file():
+        for share in (0.2, 1.0):
+            name = f"tiny+small, 40-1500 chars, {share:.0%} real PDF pages"
+            recipes[name] = DataRecipe(corpus=args.corpus, pdf_share=share, pdf_index=index)
+    else:
+        print("no PDF page index (scripts/build_pdf_pages.py): PDF cases skipped")
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     rows = []
@@ -90,7 +104,10 @@ def main(argv=None) -> int:
         "(other jobs on the machine slow these numbers down)",
         "",
         "A page is one finished sample: text cut from the corpus, rendered in a random style "
-        "(25% degraded like a scan), preprocessed to the mode's tensors, tokenized with labels.",
+        "(25% degraded like a scan), preprocessed to the mode's tensors, tokenized with labels. "
+        "In the PDF rows that share of pages is instead a real PDF page (a Debian Reference "
+        "training page from the corpus's pdf_pages.jsonl) rasterised at 144 dpi, labelled with "
+        "its text layer.",
         "",
         f"| recipe | pages/s, 1 process | pages/s, {cores} workers "
         f"| pages/s per core, {cores} workers | pages/day, {cores} workers |",

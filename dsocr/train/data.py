@@ -4,7 +4,9 @@ The paper's "data engine" (§3.4) at our scale: real text (Debian documentation 
 corpora, built by ``scripts/build_corpus.py`` into ``train.jsonl`` / ``heldout.jsonl``, split by
 document) is rendered with ``dsocr.render`` in varied styles (font, size, line height, margins,
 columns), optionally degraded like a scan, and labelled with exactly the text placed on the page.
-Real PDF pages (the paper's coarse labels) are not generated here yet: every sample is rendered.
+With ``DataRecipe.pdf_share`` > 0, that share of the training samples are real PDF pages instead
+(the paper's coarse labels: rasterised at 144 dpi, labelled with their text layer), drawn from
+the index of training pages that ``scripts/build_pdf_pages.py`` writes (``dsocr.train.pdf_pages``).
 
 Determinism: every sample is a pure function of (seed, split, step, rank, index), so batches are
 reproducible, resumable and identical across worker counts.
@@ -37,7 +39,7 @@ from dsocr.render import (
     render_markdown,
     render_text,
 )
-from dsocr.vision.preprocess import ImageInputs, preprocess_image
+from dsocr.vision.preprocess import ImageInputs, preprocess_image, squashes
 
 # A few real sentences (public-domain: Austen, the GNU GPL preamble is not used) for tests and
 # for smoke runs without a corpus. Real training always uses a built corpus.
@@ -75,6 +77,10 @@ class DataRecipe:
     # Also give each batch, per vision token of the global view, the characters drawn in its
     # 64 x 64 px cell (Batch.cell_targets), for the training loop's character loss.
     glyph_targets: bool = False
+    # Share of training samples that are real PDF pages from the index (dsocr/train/pdf_pages.py;
+    # the held-out split never draws them). 0 draws nothing: samples exactly as without it.
+    pdf_share: float = 0.0
+    pdf_index: str | None = None  # the index; None: <corpus>/pdf_pages.jsonl
 
     @classmethod
     def from_meta(cls, saved: dict) -> DataRecipe:
@@ -138,6 +144,21 @@ def recipe_docs(folder: str | None, split: str, langs: tuple[str, ...] = ()) -> 
     if not kept:
         raise ValueError(f"{folder}/{split}: no documents in languages {', '.join(langs)}")
     return kept
+
+
+def recipe_pdf_pages(recipe: DataRecipe, split: str) -> tuple[dict, ...]:
+    """The index rows a recipe draws PDF pages from (() when it draws none: ``pdf_share`` 0, or
+    not the train split). Checks the index and its PDFs (``PdfIndexError``, one line)."""
+    if not recipe.pdf_share or split != "train":
+        return ()
+    from dsocr.train.pdf_pages import INDEX_NAME, PdfIndexError, load_pdf_index
+
+    index = recipe.pdf_index
+    if index is None:
+        if recipe.corpus is None:
+            raise PdfIndexError("pdf_share needs a PDF page index (pdf_index) or a corpus folder")
+        index = str(Path(recipe.corpus) / INDEX_NAME)
+    return load_pdf_index(index, tuple(recipe.langs))
 
 
 def sample_seed(seed: int, split: str, step: int, rank: int, index: int) -> int:
@@ -212,18 +233,23 @@ def cell_targets(
     sample: Sample, tok: Tokenizer, inputs: ImageInputs, pixels_per_token: int, vocab: int = 0
 ):
     """(t*t, V) multi-hot (V = ``vocab`` or ``len(tok)``) of the single-token characters in each cell of the global view's
-    t x t token grid (the page is square and drawn at the view's size: no padding to undo)."""
+    t x t token grid. A square page maps by scale alone; a non-square one (a PDF page) as the
+    mode's global view maps it: resized to a square (Tiny, Small) or padded (Base and up)."""
     side = inputs.global_view.shape[-1]
     t = side // pixels_per_token
     out = torch.zeros(t * t, vocab or len(tok))
-    scale = side / sample.image.width
+    W, H = sample.image.size
+    sx, sy, ox, oy = side / W, side / H, 0.0, 0.0  # square pages, and Tiny/Small's plain resize
+    if W != H and not squashes(get_mode(sample.mode)):  # ImageOps.pad: longer side, centred
+        sx = sy = side / max(W, H)
+        ox, oy = (side - round(W * sx)) // 2, (side - round(H * sy)) // 2
     memo: dict[str, list[int]] = {}
     for ch, x, y in sample.glyphs or ():
         ids = memo.get(ch) or memo.setdefault(ch, tok.encode(ch))
         if len(ids) != 1:
             continue
-        r = min(t - 1, max(0, int(y * scale / pixels_per_token)))
-        c = min(t - 1, max(0, int(x * scale / pixels_per_token)))
+        r = min(t - 1, max(0, int((y * sy + oy) / pixels_per_token)))
+        c = min(t - 1, max(0, int((x * sx + ox) / pixels_per_token)))
         out[r * t + c, ids[0]] = 1.0
     return out
 
@@ -269,10 +295,16 @@ def make_batch(
 ) -> Batch:
     """The batch for one step: a pure function of its arguments."""
     docs = recipe_docs(recipe.corpus, split, tuple(recipe.langs))
-    samples = [
-        make_sample(recipe, random.Random(sample_seed(seed, split, step, rank, i)), docs)
-        for i in range(batch_size)
-    ]
+    pdf_rows = recipe_pdf_pages(recipe, split)
+    samples = []
+    for i in range(batch_size):
+        rng = random.Random(sample_seed(seed, split, step, rank, i))
+        if pdf_rows and rng.random() < recipe.pdf_share:  # no draw at all when pdf_share is 0
+            from dsocr.train.pdf_pages import make_pdf_sample
+
+            samples.append(make_pdf_sample(recipe, rng, pdf_rows))
+        else:
+            samples.append(make_sample(recipe, rng, docs))
     encoded = [encode_sample(s, tok, cfg, recipe.max_target_tokens) for s in samples]
     batch = collate(encoded, tok.pad_id, device)
     batch.targets = [s.target for s in samples]
@@ -309,6 +341,7 @@ class StepBatches(torch.utils.data.IterableDataset):
         self.recipe, self.tok, self.cfg = recipe, tok, cfg
         self.start_step, self.rank, self.batch_size = start_step, rank, batch_size
         self.seed, self.split = seed, split
+        recipe_pdf_pages(recipe, split)  # a missing or changed PDF fails here, not mid-run
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()

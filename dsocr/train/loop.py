@@ -57,6 +57,7 @@ from dsocr.train.data import (
     batch_to,
     make_batch,
     recipe_docs,
+    recipe_pdf_pages,
     sample_seed,
 )
 from dsocr.weights import CheckpointError, checkpoint_files, load_checkpoint, save_checkpoint
@@ -505,7 +506,7 @@ def check_settings(cfg: TrainConfig) -> None:
         d.max_chars >= d.min_chars,
         f"--data-max-chars {d.max_chars}: must be at least --data-min-chars {d.min_chars}",
     )
-    for name in ("scan_prob", "scramble_prob"):
+    for name in ("scan_prob", "scramble_prob", "pdf_share"):
         v = getattr(d, name)
         need(0 <= v <= 1, f"--data-{name.replace('_', '-')} {v}: must be in [0, 1]")
     need(d.max_target_tokens >= 1, f"--data-max-target-tokens {d.max_target_tokens}: must be >= 1")
@@ -520,6 +521,10 @@ def check_settings(cfg: TrainConfig) -> None:
             recipe_docs(d.corpus, split, tuple(d.langs))
         except (OSError, ValueError) as e:
             raise ConfigError(f"--data-corpus {d.corpus}: {e}") from None
+    try:  # the PDF page index and its PDFs (sha256), when --data-pdf-share draws from them
+        recipe_pdf_pages(d, "train")
+    except ValueError as e:
+        raise ConfigError(f"--data-pdf-share: {e}") from None
 
 
 def model_config(source: Path | str) -> DeepseekOCRConfig:
@@ -992,6 +997,8 @@ HELP = {
     "data_font_sizes": "comma list of font sizes in px",
     "data_fonts": "comma list of font families: sans, serif, mono",
     "data_max_target_tokens": "longer targets are cut and trained without EOS",
+    "data_pdf_share": "share of training pages that are real PDF pages (scripts/build_pdf_pages.py)",
+    "data_pdf_index": "PDF page index (default: <corpus>/pdf_pages.jsonl)",
 }
 
 

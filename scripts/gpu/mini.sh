@@ -7,7 +7,13 @@
 #      at a constant rate, for MIN_A minutes (the character loss keeps the encoder reading while
 #      the decoder is still random; without it the encoder collapses, §4 phase 0);
 #   B  from A, SAM frozen, character loss 0.3, vision at 0.3x, 15% input noise (§4 phase 10),
-#      warmup + cosine over as many steps as fit MIN_B minutes at A's measured rate.
+#      warmup + cosine over as many steps as fit MIN_B minutes at A's measured rate. PDF_SHARE
+#      (default 0: off) of B's pages can be real Debian Reference training pages at 144 dpi
+#      labelled with their text layer (data/corpus/pdf_pages.jsonl and the copies in data/pdfs,
+#      made by scripts/build_pdf_pages.py, then carried too). Off by default: this recipe trains
+#      Tiny and Small, where a whole 144 dpi page (10 pt text about 20 px tall) shrinks to 6-8 px
+#      text, below what the model reads, and its 1,500-2,600-character targets would teach the
+#      decoder to invent text.
 # Then B's last checkpoint (not its best: with input noise the clean teacher-forced eval loss can
 # rise while greedy CER falls, §4 phase 10) is bundled (bfloat16, shards <= 15 MB,
 # scripts/bundle_model.py, which picks the default mode by reading MEASURE held-out pages of each
@@ -17,6 +23,7 @@
 #   cat <files_at>/mini.tar.* | tar -xf - && cp data/mini/tokenizer.json bundle/
 # On the device (no pip install there):
 #   carry: data/corpus/train.jsonl.gz, data/corpus/heldout.jsonl.gz, data/mini/tokenizer.json
+#          (with PDF_SHARE > 0 also data/corpus/pdf_pages.jsonl and data/pdfs)
 #   command: PYTHONUNBUFFERED=1 PYTHONPATH=. bash scripts/gpu/mini.sh
 # A CPU dry run of the plumbing (a minute or two):
 #   OUT=/tmp/gpu-dry DEVICE=cpu BATCH=2 WORKERS=1 MIN_A=0.3 MIN_B=0.3 EVAL_EVERY=2 LOG_EVERY=1 \
@@ -32,6 +39,7 @@ EVAL_EVERY=${EVAL_EVERY:-500}
 LOG_EVERY=${LOG_EVERY:-20}
 RUNS=${RUNS:-runs/gpu}
 MEASURE=${MEASURE:-16}  # held-out pages per mode that pick the bundle's default mode
+PDF_SHARE=${PDF_SHARE:-0}  # share of stage B's pages that are real PDF pages (off; see above)
 DEV=()
 if [ -n "${DEVICE:-}" ]; then DEV=(--device "$DEVICE"); fi
 DATA=(--data-corpus data/corpus --data-langs en --data-modes tiny,small --data-font-sizes 16,20,24,32
@@ -56,7 +64,7 @@ PY
 echo "stage B: $STEPS_B steps"
 train --model "$RUNS/a/latest" --out "$RUNS/b" "${COMMON[@]}" --lr 1e-3 --warmup 50 \
     --steps "$STEPS_B" --freeze sam --char-loss 0.3 --vision-lr-scale 0.3 --input-noise 0.15 \
-    --max-minutes "$MIN_B"
+    --data-pdf-share "$PDF_SHARE" --max-minutes "$MIN_B"
 
 python scripts/bundle_model.py "$RUNS/b/latest" --out "$RUNS/bundle" --measure-pages "$MEASURE"
 rm -f "$RUNS/bundle/tokenizer.json"
