@@ -188,6 +188,18 @@ def test_engine_applies_ngram_ban(tiny_cfg):
     assert banned.token_ids[:4] == [30, 31, 30, 0]
 
 
+def test_default_whitelist_means_the_engines_own_td_ids(tiny_cfg, tok):
+    """GenerationParams' default whitelist (the official ids) is <td>, </td> of the engine's
+    tokenizer, so dsocr-mini's tokenizer keeps its table cells unbanned."""
+    td, end = tok.token_to_id("<td>"), tok.token_to_id("</td>")
+    model = ScriptModel(tiny_cfg, script_rule(3, [td, end, td, end, td]))
+    params = GenerationParams(max_new_tokens=5, detect_loops=False, ngram_size=2)
+    (own,) = Engine(model, tok).generate([Request([0, 50, 51], params)])
+    assert own.token_ids == [td, end, td, end, td]  # whitelisted: never banned
+    (bare,) = Engine(model).generate([Request([0, 50, 51], params)])
+    assert bare.token_ids[:4] == [td, end, td, 0]  # no tokenizer: the official ids only
+
+
 # --------------------------------------------------------------------------- sampling
 
 

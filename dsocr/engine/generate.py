@@ -42,6 +42,7 @@ from dsocr.engine.sampling import (
     OFFICIAL_NGRAM_WHITELIST,
     LoopDetector,
     apply_no_repeat_ngram,
+    ngram_whitelist_for,
     sample,
 )
 from dsocr.language import fewrow
@@ -67,7 +68,8 @@ class GenerationParams:
 
     The official vLLM runs use ``ngram_size=30, ngram_window=90`` (single image), ``20/50`` (PDF),
     ``40/90`` (OmniDocBench), whitelist ``<td>``, ``</td>`` (spec §6). ``ngram_whitelist=None``
-    whitelists nothing; for dsocr's own tokenizers use ``sampling.ngram_whitelist_for(tok)``.
+    whitelists nothing; the default (the official ids) means ``<td>``, ``</td>`` of the engine's
+    tokenizer (``sampling.ngram_whitelist_for(tok)``), so it is right for dsocr-mini's too.
 
     Checked on construction (ValueError naming the field): ``max_new_tokens >= 1``, a finite
     ``temperature >= 0``, ``top_p`` in (0, 1], ``seed`` None or in [-2**63, 2**64) (torch's
@@ -297,6 +299,11 @@ class Engine:
         tags = ("<td>", "</td>", "<tr>", "</tr>")
         ids = [tokenizer.token_to_id(t) for t in tags] if tokenizer is not None else []
         self.loop_exempt = frozenset(i for i in ids if i is not None)
+        # The default n-gram whitelist is the official tokenizer's <td>, </td>; with another
+        # tokenizer (dsocr-mini's) it means that tokenizer's own ids.
+        self.default_whitelist = (
+            ngram_whitelist_for(tokenizer) if tokenizer is not None else OFFICIAL_NGRAM_WHITELIST
+        )
         self.cache: KVCache | None = None
         self.waiting: deque[_Sequence] = deque()
         self.active: list[_Sequence] = []  # active[i] lives in cache row i
@@ -594,9 +601,10 @@ class Engine:
         for i, s in enumerate(seqs):
             p = s.params
             if p.ngram_size:
-                apply_no_repeat_ngram(
-                    logits[i], s.generated, p.ngram_size, p.ngram_window, p.ngram_whitelist
-                )
+                allowed = p.ngram_whitelist
+                if allowed == OFFICIAL_NGRAM_WHITELIST:
+                    allowed = self.default_whitelist
+                apply_no_repeat_ngram(logits[i], s.generated, p.ngram_size, p.ngram_window, allowed)
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             if s.generator is not None:
