@@ -334,9 +334,9 @@ def _clean_string(text: str) -> str:
     return _NON_WORD_RE.sub("", text)
 
 
-def _remove_balanced(text: str, tag_re: re.Pattern[str], opener: str) -> str:
-    """Replace each outermost ``opener ... closer`` span (nesting counted) by one space."""
-    out, depth, start, last = [], 0, 0, 0
+def _balanced_spans(text: str, tag_re: re.Pattern[str], opener: str) -> list[tuple[int, int]]:
+    """(start, end) of each outermost ``opener ... closer`` span (nesting counted)."""
+    spans, depth, start = [], 0, 0
     for m in tag_re.finditer(text):
         if m.group(0).lower().startswith(opener):
             if depth == 0:
@@ -345,24 +345,40 @@ def _remove_balanced(text: str, tag_re: re.Pattern[str], opener: str) -> str:
         elif depth > 0:
             depth -= 1
             if depth == 0:
-                out.append(text[last:start] + " ")
-                last = m.end()
+                spans.append((start, m.end()))
+    return spans
+
+
+def _remove_balanced(text: str, tag_re: re.Pattern[str], opener: str) -> str:
+    """Replace each outermost ``opener ... closer`` span (nesting counted) by one space."""
+    out, last = [], 0
+    for start, end in _balanced_spans(text, tag_re, opener):
+        out.append(text[last:start] + " ")
+        last = end
     out.append(text[last:])
     return "".join(out)
 
 
-def _remove_markdown_tables(text: str) -> str:
-    """Drop pipe tables: a run of ``|...|`` lines whose second line is a ``|---|`` separator."""
-    lines = text.split("\n")
-    keep = [True] * len(lines)
-    i = 0
+def _pipe_table_runs(lines: list[str]) -> list[tuple[int, int]]:
+    """Line ranges [i, j) of pipe tables: runs of ``|...|`` lines whose second line is a
+    ``|---|`` separator."""
+    runs, i = [], 0
     while i < len(lines):
         j = i
         while j < len(lines) and _MD_TABLE_ROW_RE.match(lines[j]):
             j += 1
         if j - i >= 2 and _MD_TABLE_SEP_RE.match(lines[i + 1]):
-            keep[i:j] = [False] * (j - i)
+            runs.append((i, j))
         i = max(j, i + 1)
+    return runs
+
+
+def _remove_markdown_tables(text: str) -> str:
+    """Drop pipe tables (:func:`_pipe_table_runs`)."""
+    lines = text.split("\n")
+    keep = [True] * len(lines)
+    for i, j in _pipe_table_runs(lines):
+        keep[i:j] = [False] * (j - i)
     return "\n".join(line for line, k in zip(lines, keep) if k)
 
 
@@ -718,17 +734,7 @@ def teds(
 
 def _html_tables(text: str) -> list[tuple[int, str]]:
     """Top-level ``<table>...</table>`` spans (nested tables stay inside theirs), with offsets."""
-    out, depth, start = [], 0, 0
-    for m in _HTML_TABLE_TAG_RE.finditer(text):
-        if m.group(0).lower().startswith("<table"):
-            if depth == 0:
-                start = m.start()
-            depth += 1
-        elif depth > 0:
-            depth -= 1
-            if depth == 0:
-                out.append((start, text[start : m.end()]))
-    return out
+    return [(a, text[a:b]) for a, b in _balanced_spans(text, _HTML_TABLE_TAG_RE, "<table")]
 
 
 _CODE_SPAN_RE = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.DOTALL)
@@ -762,24 +768,18 @@ def _pipe_cells(line: str) -> list[str]:
 def _pipe_tables(text: str) -> list[tuple[int, str]]:
     """Markdown pipe tables (a header row, a ``|---|`` separator, body rows) as HTML tables
     (header cells ``td``, as OmniDocBench renames ``th``), with their offsets in ``text``."""
-    out, offset, lines = [], 0, text.split("\n")
-    starts = []
+    lines = text.split("\n")
+    starts = [0]  # offset of each line in text
     for line in lines:
-        starts.append(offset)
-        offset += len(line) + 1
-    i = 0
-    while i < len(lines):
-        j = i
-        while j < len(lines) and _MD_TABLE_ROW_RE.match(lines[j]):
-            j += 1
-        if j - i >= 2 and _MD_TABLE_SEP_RE.match(lines[i + 1]):
-            rows = [lines[i]] + lines[i + 2 : j]
-            body = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _pipe_cells(r)) + "</tr>"
-                for r in rows
-            )
-            out.append((starts[i], f"<table>{body}</table>"))
-        i = max(j, i + 1)
+        starts.append(starts[-1] + len(line) + 1)
+    out = []
+    for i, j in _pipe_table_runs(lines):
+        rows = [lines[i]] + lines[i + 2 : j]
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _pipe_cells(r)) + "</tr>"
+            for r in rows
+        )
+        out.append((starts[i], f"<table>{body}</table>"))
     return out
 
 
