@@ -480,6 +480,20 @@ def _eval_run():
     return run
 
 
+def _add_device_args(parser, dtype: bool = True) -> None:
+    """``--device`` (and ``--dtype``) as every model-running command takes them."""
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)"
+    )
+    if dtype:
+        parser.add_argument(
+            "--dtype",
+            default=None,
+            choices=["float32", "bfloat16", "float16"],
+            help="default: float32 on CPU, bfloat16 on GPU",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dsocr", description="DeepSeek-OCR in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -510,13 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="per image (default: 512); a page cut there gets a warning on stderr",
     )
-    o.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    o.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="default: float32 on CPU, bfloat16 on GPU",
-    )
+    _add_device_args(o)
     o.set_defaults(func=cmd_ocr)
 
     v = sub.add_parser("convert", help="images and PDFs to Markdown + JSON (resumable batch)")
@@ -537,15 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: what the model was trained for (meta.json), else gundam (official PDF mode)",
     )
     v.add_argument("--model", default=None, help=MODEL_HELP)
-    v.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if present)"
-    )
-    v.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="default: bfloat16 on GPUs, float32 on CPUs",
-    )
+    _add_device_args(v)
     v.add_argument("--batch-size", type=int, default=8, help="pages decoded together (default: 8)")
     v.add_argument("--pages", default=None, help="page ranges, e.g. 1-5,9 (1-based)")
     v.add_argument(
@@ -586,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     s.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port)")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
+    _add_device_args(s, dtype=False)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     s.add_argument(
         "--max-upload-mb", type=float, default=20.0, help="per body or image (default: 20)"
@@ -650,13 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--max-new-tokens", type=int, default=None, help="per page (default: from its text tokens)"
     )
-    d.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
-    d.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="default: float32 on CPU, bfloat16 on GPU",
-    )
+    _add_device_args(d)
     d.add_argument("--output", "-o", default=None, help="write the text here (default: stdout)")
     d.set_defaults(func=cmd_decompress)
 
