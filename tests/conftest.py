@@ -16,6 +16,22 @@ TEST_SMALL = Mode("test-small", 64, 64)
 TEST_GUNDAM = Mode("test-gundam", 128, 64, crop_mode=True, crop_threshold=64)
 
 
+def small_recipe(**kw):
+    """A fast data recipe for tests: short Tiny pages of 40 px sans text, no scan effects."""
+    from dsocr.train.data import DataRecipe
+
+    base = dict(
+        modes=("tiny",),
+        min_chars=8,
+        max_chars=24,
+        font_sizes=(40,),
+        fonts=("sans",),
+        scan_prob=0.0,
+        page_size=128,
+    )
+    return DataRecipe(**(base | kw))
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return CONFIGS["tiny"]

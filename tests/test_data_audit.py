@@ -7,27 +7,16 @@ import random
 import sys
 from pathlib import Path
 
+from conftest import small_recipe
+
 import dsocr.train.data as data
 from dsocr.language.tokenizer import PROMPTS, Tokenizer, byte_tokenizer
-from dsocr.train.data import DataRecipe, StepBatches, batch_stream, make_sample
+from dsocr.train.data import StepBatches, batch_stream, make_sample
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import build_corpus  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-
-
-def _recipe(**kw):
-    base = dict(
-        modes=("tiny",),
-        min_chars=8,
-        max_chars=24,
-        font_sizes=(40,),
-        fonts=("sans",),
-        scan_prob=0.0,
-        page_size=128,
-    )
-    return DataRecipe(**(base | kw))
 
 
 def _groups(held: bool, n: int) -> list[str]:
@@ -98,7 +87,7 @@ def test_scan_rotation_keeps_the_text_area_on_the_page(monkeypatch):
 
     monkeypatch.setattr(data, "render_text", render)
     monkeypatch.setattr(data, "degrade", degrade)
-    recipe = _recipe(page_size=1024, font_sizes=(12,), scan_prob=1.0, min_chars=4, max_chars=8)
+    recipe = small_recipe(page_size=1024, font_sizes=(12,), scan_prob=1.0, min_chars=4, max_chars=8)
     worst, small_margin = 0.0, 0
     for i in range(300):
         make_sample(recipe, random.Random(i), data.recipe_docs(None, "train"))
@@ -115,7 +104,9 @@ def test_scan_rotation_keeps_the_text_area_on_the_page(monkeypatch):
 def test_prompt_matches_label_type():
     """Free OCR samples carry the plain text; Markdown samples the Markdown source."""
     docs = ({"doc": "d", "text": "# Title\n\n- one item\n- two items"},)
-    recipe = _recipe(prompts=("free", "markdown"), min_chars=40, max_chars=40, font_sizes=(12,))
+    recipe = small_recipe(
+        prompts=("free", "markdown"), min_chars=40, max_chars=40, font_sizes=(12,)
+    )
     tasks = set()
     for i in range(12):
         s = make_sample(recipe, random.Random(i), docs)
@@ -128,7 +119,7 @@ def test_prompt_matches_label_type():
 def test_stream_is_the_same_for_0_1_2_workers_and_on_resume(tiny_cfg):
     """Workers build different steps (no sample twice), in step order, whatever their number."""
     tok = Tokenizer(byte_tokenizer())
-    recipe = _recipe(corpus=None, min_chars=30, max_chars=120)
+    recipe = small_recipe(corpus=None, min_chars=30, max_chars=120)
 
     def run(start, workers, n):
         s = StepBatches(recipe, tok, tiny_cfg, start_step=start, rank=0, batch_size=2, seed=5)
@@ -148,4 +139,4 @@ def test_bench_data_measures_pages_per_s(tiny_cfg):
     from bench.data import pages_per_s
 
     tok = Tokenizer(byte_tokenizer())
-    assert pages_per_s(_recipe(), tok, tiny_cfg, 0, 2, 1) > 0
+    assert pages_per_s(small_recipe(), tok, tiny_cfg, 0, 2, 1) > 0

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_BASE
+from conftest import TEST_BASE, small_recipe
 from PIL import Image
 
 from dsocr.configs import CONFIGS, Mode
 from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 from dsocr.model import build_model
-from dsocr.train.data import DataRecipe, load_corpus, make_batch, recipe_docs
+from dsocr.train.data import load_corpus, make_batch, recipe_docs
 from dsocr.train.loop import TrainConfig, corrupt_inputs, lr_at, train
 from dsocr.weights import load_checkpoint, read_state_dict, save_checkpoint
 
@@ -29,19 +29,6 @@ import resize_vocab  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 TOY_MODE = "test-tiny"
-
-
-def _recipe(**kw):
-    base = dict(
-        modes=("tiny",),
-        min_chars=8,
-        max_chars=24,
-        font_sizes=(40,),
-        fonts=("sans",),
-        scan_prob=0.0,
-        page_size=128,
-    )
-    return DataRecipe(**(base | kw))
 
 
 def _cfg(tmp_path, **kw):
@@ -57,7 +44,7 @@ def _cfg(tmp_path, **kw):
         eval_batches=1,
         eval_batch_size=2,
         save_every=3,
-        data=_recipe(),
+        data=small_recipe(),
     )
     return TrainConfig(**(base | kw))
 
@@ -82,9 +69,9 @@ def test_batches_are_a_pure_function_of_step(tiny_cfg):
     from dsocr.language.tokenizer import Tokenizer, byte_tokenizer
 
     tok = Tokenizer(byte_tokenizer())
-    a = make_batch(_recipe(), tok, tiny_cfg, step=3, rank=0, batch_size=2, seed=1)
-    b = make_batch(_recipe(), tok, tiny_cfg, step=3, rank=0, batch_size=2, seed=1)
-    c = make_batch(_recipe(), tok, tiny_cfg, step=4, rank=0, batch_size=2, seed=1)
+    a = make_batch(small_recipe(), tok, tiny_cfg, step=3, rank=0, batch_size=2, seed=1)
+    b = make_batch(small_recipe(), tok, tiny_cfg, step=3, rank=0, batch_size=2, seed=1)
+    c = make_batch(small_recipe(), tok, tiny_cfg, step=4, rank=0, batch_size=2, seed=1)
     assert torch.equal(a.input_ids, b.input_ids) and a.targets == b.targets
     assert a.targets != c.targets
     # Labels train exactly the target text plus EOS.
@@ -95,7 +82,13 @@ def test_batches_are_a_pure_function_of_step(tiny_cfg):
 def test_input_noise_corrupts_only_target_inputs(tiny_cfg):
     tok = Tokenizer(byte_tokenizer())
     batch = make_batch(
-        _recipe(min_chars=60, max_chars=80), tok, tiny_cfg, step=0, rank=0, batch_size=4, seed=2
+        small_recipe(min_chars=60, max_chars=80),
+        tok,
+        tiny_cfg,
+        step=0,
+        rank=0,
+        batch_size=4,
+        seed=2,
     )
     assert corrupt_inputs(batch, 0.0, seed=5) is batch
     noisy = corrupt_inputs(batch, 0.3, seed=5)
@@ -141,7 +134,7 @@ def test_recipe_language_filter(tmp_path):
     with pytest.raises(ValueError, match="no documents in languages zz"):
         recipe_docs(str(tmp_path), "heldout", ("zz",))
     batch = make_batch(
-        _recipe(corpus=str(tmp_path), langs=("b",)),
+        small_recipe(corpus=str(tmp_path), langs=("b",)),
         Tokenizer(byte_tokenizer()),
         CONFIGS["tiny"],
         step=0,
@@ -159,8 +152,8 @@ def test_scrambled_pages_keep_the_words_and_lose_the_order():
 
     docs = recipe_docs(None, "train")
     kw = dict(min_chars=200, max_chars=200, font_sizes=(12,), page_size=512)
-    plain = make_sample(_recipe(**kw), random.Random(5), docs)
-    mixed = make_sample(_recipe(**kw, scramble_prob=1.0), random.Random(5), docs)
+    plain = make_sample(small_recipe(**kw), random.Random(5), docs)
+    mixed = make_sample(small_recipe(**kw, scramble_prob=1.0), random.Random(5), docs)
     assert sorted(plain.target.split()) == sorted(mixed.target.split())
     assert plain.target.split() != mixed.target.split()
 
@@ -321,7 +314,7 @@ def test_worker_stream_equals_inline_batches(tiny_cfg):
     from dsocr.train.data import StepBatches, batch_stream
 
     tok = Tokenizer(byte_tokenizer())
-    batches = StepBatches(_recipe(), tok, tiny_cfg, start_step=5, rank=0, batch_size=2, seed=3)
+    batches = StepBatches(small_recipe(), tok, tiny_cfg, start_step=5, rank=0, batch_size=2, seed=3)
     inline = batch_stream(batches)
     pooled = batch_stream(batches, workers=2)
     for _ in range(4):
@@ -340,7 +333,7 @@ def test_tiny_model_learns_to_read_two_rendered_strings(tmp_path):
     rows = "".join(json.dumps({"doc": str(i), "text": t}) + "\n" for i, t in enumerate(TOY))
     for split in ("train", "heldout"):
         (corpus / f"{split}.jsonl").write_text(rows)
-    recipe = _recipe(
+    recipe = small_recipe(
         corpus=str(corpus), min_chars=50, max_chars=60, font_sizes=(36,), modes=(TEST_BASE,)
     )  # 128 px views: 7 image tokens, cheap to train
     cfg = _cfg(
@@ -430,12 +423,12 @@ def test_character_loss_trains_and_is_logged(tmp_path):
     # Off by default: no glyph targets, and the total is the text loss.
     model = build_model(CONFIGS["tiny"])
     tok = Tokenizer(byte_tokenizer(vocab_size=CONFIGS["tiny"].language.vocab_size))
-    batch = make_batch(_recipe(), tok, model.config, step=0, rank=0, batch_size=2, seed=0)
+    batch = make_batch(small_recipe(), tok, model.config, step=0, rank=0, batch_size=2, seed=0)
     assert batch.cell_targets is None
     total, text, char = LossModule(model)(batch)
     assert char is None and torch.equal(total, text)
     batch = make_batch(
-        _recipe(glyph_targets=True), tok, model.config, step=0, rank=0, batch_size=2, seed=0
+        small_recipe(glyph_targets=True), tok, model.config, step=0, rank=0, batch_size=2, seed=0
     )
     embeds = model.encode_images(batch.images)
     t = math.isqrt(batch.cell_targets.shape[1])
@@ -450,7 +443,7 @@ def test_loss_under_bf16_autocast_matches_fp32(tiny_cfg):
 
     model = build_model(tiny_cfg)
     tok = Tokenizer(byte_tokenizer(vocab_size=tiny_cfg.language.vocab_size))
-    recipe = _recipe(glyph_targets=True)
+    recipe = small_recipe(glyph_targets=True)
     batch = make_batch(recipe, tok, model.config, step=0, rank=0, batch_size=2, seed=0)
     step = LossModule(model, char_weight=1.0, blank_id=tok.encode(" ")[0])
     with torch.no_grad():
@@ -605,7 +598,7 @@ def test_recover_checkpoint_prefers_the_newest_complete_folder(tmp_path):
 
 def test_over_long_targets_are_cut_without_eos(tiny_cfg):
     tok = Tokenizer(byte_tokenizer())
-    recipe = _recipe(min_chars=4, max_chars=24)
+    recipe = small_recipe(min_chars=4, max_chars=24)
     full = make_batch(recipe, tok, tiny_cfg, step=0, rank=0, batch_size=6, seed=1)
     cut = make_batch(
         dataclasses.replace(recipe, max_target_tokens=8),
@@ -758,7 +751,9 @@ def test_eval_pages_do_not_depend_on_batch_size(tiny_model, tiny_cfg):
     tok = Tokenizer(byte_tokenizer(vocab_size=tiny_cfg.language.vocab_size))
 
     def ev(batch_size):
-        cfg = TrainConfig(batch_size=batch_size, eval_batches=1, eval_batch_size=3, data=_recipe())
+        cfg = TrainConfig(
+            batch_size=batch_size, eval_batches=1, eval_batch_size=3, data=small_recipe()
+        )
         return evaluate(tiny_model, tok, cfg, "cpu", None)
 
     assert ev(2) == ev(5)
