@@ -364,6 +364,11 @@ class Engine:
         )
         # The last token is never fed back, so n + max_new - 1 positions are used.
         seq.max_new = min(params.max_new_tokens, limit - n + 1)
+        seq.ngram_whitelist = (
+            self.default_whitelist
+            if params.ngram_whitelist == OFFICIAL_NGRAM_WHITELIST
+            else params.ngram_whitelist
+        )
         self.waiting.append(seq)
         self._live.add(rid)
         return rid
@@ -601,10 +606,9 @@ class Engine:
         for i, s in enumerate(seqs):
             p = s.params
             if p.ngram_size:
-                allowed = p.ngram_whitelist
-                if allowed == OFFICIAL_NGRAM_WHITELIST:
-                    allowed = self.default_whitelist
-                apply_no_repeat_ngram(logits[i], s.generated, p.ngram_size, p.ngram_window, allowed)
+                apply_no_repeat_ngram(
+                    logits[i], s.generated, p.ngram_size, p.ngram_window, s.ngram_whitelist
+                )
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             if s.generator is not None:
