@@ -1,19 +1,35 @@
 """Build the text corpus for dsocr-mini from documentation installed by Debian packages.
 
-Sources (all GPL-2+/CC-BY-SA/PSF-licensed documentation, installable offline here):
-- debian-handbook: the same book in up to 26 locales (HTML);
-- debian-reference-{en,de,fr,ja,zh-cn}: HTML;
-- python3.11-doc: the Python documentation (HTML, English).
+Sources (free documentation and packaged text, installable offline here; a source that is not
+installed is skipped):
+
+- HTML documentation: ``debian-handbook`` (the same book in up to 26 locales),
+  ``debian-reference-{en,de,fr,ja,zh-cn}``, ``python3.11-doc`` (English);
+- plain-text documentation: ``debian-faq``, ``debian-policy`` (the policy manual and its
+  companions, the FHS), ``gnu-standards`` (the GNU coding standards, the maintainers' guide);
+- packaged corpora: ``fortunes``, ``fortunes-de``, ``fortunes-ru``, ``fortunes-zh`` (quotations,
+  poems, jokes: en, de, ru, zh) and ``bible-kjv-text`` (the King James Bible, read with the
+  ``bible`` program of ``bible-kjv``).
 
 Install them first (as root)::
 
     apt-get install -y --no-install-recommends debian-handbook debian-reference-en \\
         debian-reference-de debian-reference-fr debian-reference-ja debian-reference-zh-cn \\
-        python3.11-doc
+        python3.11-doc debian-faq debian-policy gnu-standards fortunes fortunes-de \\
+        fortunes-ru fortunes-zh bible-kjv-text bible-kjv
 
 Then::
 
     python scripts/build_corpus.py --out data/corpus
+
+``--sources debian-handbook,debian-reference,python3.11-doc`` builds the HTML-only corpus that
+dsocr-mini's CPU phases (docs/training.md) were trained on: row order and text are unchanged for
+those sources, so it is byte-identical to the corpus before the plain-text sources were added.
+
+A plain-text document or a fortune file is cut at paragraph boundaries into documents of about
+``CHUNK_CHARS`` characters (training draws a document uniformly, so a 900 KB manual and a 20 KB
+HTML chapter weigh alike per character); a manual's chunks are held out one by one, a fortune
+file or a Bible book as a whole.
 
 The held-out split is by *document group*: a chapter is held out in every language at once, so no
 translation of a held-out chapter reaches training. Membership is a hash of the group name, so it
@@ -28,8 +44,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import itertools
 import json
 import re
+import shutil
+import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -110,8 +129,106 @@ def _line_key(line: str) -> bytes:
     return hashlib.blake2b(line.casefold().encode(), digest_size=8).digest()
 
 
-def sources():
-    """(doc id, group, lang, source, path) for every document found."""
+CHUNK_CHARS = 20_000
+# Plain-text manuals: (source, doc name, lang, path); the first existing path of each is read.
+TEXT_DOCS = (
+    ("debian-faq", "faq", "en", "/usr/share/doc/debian/FAQ/debian-faq.en.txt.gz"),
+    ("debian-policy", "policy", "en", "/usr/share/doc/debian-policy/policy.txt.gz"),
+    ("debian-policy", "menu-policy", "en", "/usr/share/doc/debian-policy/menu-policy.txt.gz"),
+    ("debian-policy", "perl-policy", "en", "/usr/share/doc/debian-policy/perl-policy.txt.gz"),
+    (
+        "debian-policy",
+        "debconf-spec",
+        "en",
+        "/usr/share/doc/debian-policy/debconf_specification.txt.gz",
+    ),
+    ("debian-policy", "fhs", "en", "/usr/share/doc/debian-policy/fhs/fhs-3.0.txt.gz"),
+    ("gnu-standards", "standards", "en", "/usr/share/doc/gnu-standards/standards.text.gz"),
+    ("gnu-standards", "maintain", "en", "/usr/share/doc/gnu-standards/maintain.text.gz"),
+)
+FORTUNES = Path("/usr/share/games/fortunes")
+BIBLE_DATA = Path("/usr/lib/bible.data")  # bible-kjv-text; the ``bible`` program is bible-kjv
+# Fortune files that are pictures drawn in characters, not text; and the zh files by name.
+FORTUNE_SKIP = {"ascii-art", "asciiart", "translate-me"}
+FORTUNE_ZH = {"chinese", "tang300", "song100"}
+SOURCES = (
+    "debian-handbook",
+    "debian-reference",
+    "python3.11-doc",
+    "debian-faq",
+    "debian-policy",
+    "gnu-standards",
+    "fortunes",
+    "bible-kjv",
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_OVERSTRIKE = re.compile(r".\x08")  # nroff bold/underline: "X\bX", "_\bX"
+_RULE = re.compile(r"[-=*_~#+.\s]+")  # a line of rule characters (underlines, separators)
+_ITEM = re.compile(
+    r"(--|[*\u2022-]|\d+(\.\d+)*\.?|[a-z]\))\s"
+)  # "* x", "2.1 x", "3. x", "a) x", "-- author"
+WRAPPED = 0.75
+_CJK = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uac00-\ud7af\uff00-\uffef]")
+
+
+def text_paragraphs(text: str) -> list[str]:
+    """Plain text (a manual, a fortune) -> paragraphs, one per line.
+
+    Blank lines end a paragraph. Inside a block, a line is joined to the one before (without a
+    space between CJK characters) only when that one looks wrapped: at least ``WRAPPED`` of the
+    block's longest line, and the new line does not start a list item. So a table of contents or
+    a poem keeps its lines. Terminal colour codes, nroff overstrikes and rule lines (underlines,
+    separators) are dropped.
+    """
+    text = _OVERSTRIKE.sub("", _ANSI.sub("", text.replace("\r\n", "\n")))
+    paras = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [" ".join(x.split()) for x in block.split("\n")]
+        lines = [x for x in lines if x and not _RULE.fullmatch(x)]
+        width = max((len(x) for x in lines), default=0)
+        joined = prev = ""
+        for line in lines:
+            if joined and (len(prev) < WRAPPED * width or _ITEM.match(line)):
+                if len(joined) >= 3:
+                    paras.append(joined)
+                joined = ""
+            if joined and not (_CJK.match(joined[-1]) and _CJK.match(line[0])):
+                joined += " "
+            joined += line
+            prev = line
+        if len(joined) >= 3:
+            paras.append(joined)
+    return paras
+
+
+def chunks(paras: list[str], size: int = CHUNK_CHARS) -> list[str]:
+    """Paragraphs -> texts of about ``size`` characters, cut only between paragraphs."""
+    out, cur, n = [], [], 0
+    for p in paras:
+        cur.append(p)
+        n += len(p) + 1
+        if n >= size:
+            out.append("\n".join(cur))
+            cur, n = [], 0
+    if cur:
+        out.append("\n".join(cur))
+    return out
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return data.decode("utf-8", errors="replace")
+
+
+def _skip(skipped: dict | None, doc: str, path, e: Exception) -> None:
+    print(f"skipped {doc}: cannot read {path}: {e}", file=sys.stderr)
+    if skipped is not None:
+        skipped["unreadable"] = skipped.get("unreadable", 0) + 1
+
+
+def _html_sources():
     hb = Path("/usr/share/doc/debian-handbook/html")
     if hb.is_dir():
         for locale in sorted(p for p in hb.iterdir() if p.is_dir()):
@@ -144,13 +261,94 @@ def sources():
             yield (f"python/{rel}", f"python/{rel}", "en", "python3.11-doc", f)
 
 
+def _text_sources(skipped):
+    """Plain-text manuals, each cut into chunks; a chunk is its own held-out group."""
+    for source, name, lang, path in TEXT_DOCS:
+        path = Path(path)
+        if not path.is_file():
+            continue
+        try:
+            parts = chunks(text_paragraphs(_read_text(path)))
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            _skip(skipped, f"{source}/{name}", path, e)
+            continue
+        for k, text in enumerate(parts):
+            yield (f"{source}/{name}/{k}", f"{source}/{name}/{k}", lang, source, text)
+
+
+def _fortune_sources(skipped):
+    """Fortune files (fortunes, fortunes-de, fortunes-ru, fortunes-zh): a file is one held-out
+    group, cut into chunks; each fortune's paragraphs are lines."""
+    if not FORTUNES.is_dir():
+        return
+    for folder, lang in ((FORTUNES, "en"), (FORTUNES / "de", "de"), (FORTUNES / "ru", "ru")):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.is_dir() or f.suffix in (".dat", ".u8") or f.name in FORTUNE_SKIP:
+                continue
+            file_lang = "zh" if f.name in FORTUNE_ZH else lang
+            try:
+                raw = _read_text(f)
+            except OSError as e:
+                _skip(skipped, f"fortunes/{file_lang}/{f.name}", f, e)
+                continue
+            paras = [p for entry in re.split(r"(?m)^%\s*$", raw) for p in text_paragraphs(entry)]
+            group = f"fortunes/{file_lang}/{f.name}"
+            for k, text in enumerate(chunks(paras)):
+                yield (f"{group}/{k}", group, file_lang, "fortunes", text)
+
+
+def _bible_sources(skipped):
+    """The King James Bible (bible-kjv-text, dumped by bible-kjv's ``bible`` program): a book is
+    one held-out group, one verse per line, cut into chunks."""
+    exe = shutil.which("bible")
+    if exe is None or not BIBLE_DATA.is_file():
+        return
+    try:
+        out = subprocess.run(
+            [exe, "-f", "Gen1:1-Rev22:21"], capture_output=True, check=True, timeout=120
+        ).stdout.decode("utf-8", errors="replace")
+    except (OSError, subprocess.SubprocessError) as e:
+        _skip(skipped, "bible-kjv", exe, e)
+        return
+    books: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        m = re.match(r"(\d?[A-Za-z]+)\d+:\d+\s+(.*\S)", line)
+        if m:
+            books.setdefault(m.group(1), []).append(m.group(2))
+    for book, verses in books.items():
+        for k, text in enumerate(chunks(verses)):
+            yield (f"bible-kjv/{book}/{k}", f"bible-kjv/{book}", "en", "bible-kjv", text)
+
+
+def sources(only=None, skipped: dict | None = None):
+    """(doc id, group, lang, source, path or text) for every document found: a ``Path`` is an
+    HTML file (read by ``build``), a ``str`` is the document's text already. ``only``: the
+    source names to keep (``SOURCES``; None: all). HTML sources come first, in the order they
+    always had, so a corpus of them alone is what it was before the others were added."""
+    wanted = set(SOURCES if only is None else only)
+    gens = []
+    if wanted & {"debian-handbook", "debian-reference", "python3.11-doc"}:
+        gens.append(_html_sources())
+    if wanted & {"debian-faq", "debian-policy", "gnu-standards"}:
+        gens.append(_text_sources(skipped))
+    if "fortunes" in wanted:
+        gens.append(_fortune_sources(skipped))
+    if "bible-kjv" in wanted:
+        gens.append(_bible_sources(skipped))
+    for doc in itertools.chain(*gens):
+        if doc[3] in wanted:
+            yield doc
+
+
 class NoDocuments(ValueError):
     """No source document was found (or none long enough): nothing is written."""
 
 
-def build(out: Path, min_chars: int = 500, docs=None) -> dict:
+def build(out: Path, min_chars: int = 500, docs=None, only=None) -> dict:
     """Write train/heldout JSONL (plain and gzipped) and a manifest from `docs` (default: every
-    installed source; the same 5-tuples as `sources()`).
+    installed source, or those named in `only`; the same 5-tuples as `sources()`).
 
     Every file is written under a temporary name first and renamed into place only once all of
     them are complete, so a failure leaves an existing corpus as it was; with no documents at all
@@ -162,6 +360,7 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
     train_lines: set[bytes] = set()
     held: list[dict] = []  # written last, without the lines training text also has
     skipped = {"unreadable": 0, "too_short": 0}
+    by_source: dict[str, int] = {}  # documents kept (either split), by source
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = {s: out / f".{s}.jsonl.tmp" for s in counts}
@@ -169,9 +368,13 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
     try:
         files = {s: tmp[s].open("w", encoding="utf-8") for s in counts}
         try:
-            for doc, group, lang, source, path in sources() if docs is None else docs:
+            found = sources(only, skipped) if docs is None else docs
+            for doc, group, lang, source, path in found:
                 try:
-                    text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
+                    if isinstance(path, str):
+                        text = path
+                    else:
+                        text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
                 except OSError as e:
                     print(f"skipped {doc}: cannot read {path}: {e}", file=sys.stderr)
                     skipped["unreadable"] += 1
@@ -186,7 +389,7 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
                 train_lines.update(
                     _line_key(x) for x in text.split("\n") if len(x) >= SHARED_LINE_CHARS
                 )
-                _write(files["train"], row, counts, chars, langs, "train")
+                _write(files["train"], row, counts, chars, langs, by_source, "train")
             shared = 0
             for row in held:
                 lines = row["text"].split("\n")
@@ -200,7 +403,7 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
                 if len(row["text"]) < min_chars:
                     skipped["too_short"] += 1
                     continue
-                _write(files["heldout"], row, counts, chars, langs, "heldout")
+                _write(files["heldout"], row, counts, chars, langs, by_source, "heldout")
         finally:
             for f in files.values():
                 f.close()
@@ -216,6 +419,8 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
             "heldout_lines_dropped_as_in_train": shared,
             "chars": chars,
             "chars_by_lang": dict(sorted(langs.items())),
+            "sources_requested": sorted(SOURCES if only is None else only),
+            "documents_by_source": by_source,
             "files": {},
         }
         for s, t in tmp.items():
@@ -240,9 +445,10 @@ def build(out: Path, min_chars: int = 500, docs=None) -> dict:
             out.rmdir()
 
 
-def _write(f, row: dict, counts: dict, chars: dict, langs: dict, split: str) -> None:
+def _write(f, row: dict, counts, chars, langs, by_source, split: str) -> None:
     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     counts[split] += 1
+    by_source[row["source"]] = by_source.get(row["source"], 0) + 1
     chars[split] += len(row["text"])
     langs[row["lang"]] = langs.get(row["lang"], 0) + len(row["text"])
 
@@ -253,13 +459,34 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", default="data/corpus")
     ap.add_argument("--min-chars", type=int, default=500)
+    ap.add_argument(
+        "--sources",
+        help=f"comma-separated sources to read (default: all installed): {', '.join(SOURCES)}",
+    )
     args = ap.parse_args(argv)
+    only = None
+    if args.sources:
+        only = [x.strip() for x in args.sources.split(",") if x.strip()]
+        unknown = [x for x in only if x not in SOURCES]
+        if unknown or not only:
+            print(
+                f"error: --sources: unknown {', '.join(unknown) or '(empty)'} "
+                f"(known: {', '.join(SOURCES)})",
+                file=sys.stderr,
+            )
+            return 2
     try:
-        m = build(Path(args.out), args.min_chars)
+        m = build(Path(args.out), args.min_chars, only=only)
     except NoDocuments as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    keys = ("documents", "chars", "skipped_documents", "heldout_lines_dropped_as_in_train")
+    keys = (
+        "documents",
+        "documents_by_source",
+        "chars",
+        "skipped_documents",
+        "heldout_lines_dropped_as_in_train",
+    )
     print(json.dumps({k: m[k] for k in keys}, indent=1))
     return 0
 

@@ -737,8 +737,8 @@ def test_doc_html_path_follows_the_corpus_naming(tmp_path):
 
 @pytest.fixture
 def md_corpus(tmp_path):
-    """A held-out corpus of three English documents (one French, one missing on disk) whose
-    HTML lies in a generated python3.11-doc folder."""
+    """A held-out corpus of three English documents (one French, one missing on disk, one from a
+    plain-text source) whose HTML lies in a generated python3.11-doc folder."""
     root = tmp_path / "html"
     (root / "library").mkdir(parents=True)
     para = "<p>" + "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 6 + "</p>"
@@ -750,6 +750,7 @@ def md_corpus(tmp_path):
         rows.append({"doc": f"python/library/doc{k}", "lang": "en", "source": "python3.11-doc"})
     rows.append({"doc": "python/library/doc0", "lang": "fr", "source": "python3.11-doc"})
     rows.append({"doc": "python/library/gone", "lang": "en", "source": "python3.11-doc"})
+    rows.append({"doc": "fortunes/en/wisdom/0", "lang": "en", "source": "fortunes"})  # no HTML
     corpus = tmp_path / "heldout.jsonl"
     corpus.write_text(
         "".join(json.dumps({**r, "group": r["doc"], "text": "x"}) + "\n" for r in rows)

@@ -778,7 +778,7 @@ def test_build_corpus_keeps_an_existing_corpus_when_it_finds_nothing(tmp_path, m
         (corpus / n).write_bytes(data)
     with pytest.raises(build_corpus.NoDocuments):
         build_corpus.build(corpus, docs=[])
-    monkeypatch.setattr(build_corpus, "sources", lambda: iter(()))
+    monkeypatch.setattr(build_corpus, "sources", lambda *a, **k: iter(()))
     assert build_corpus.main(["--out", str(corpus)]) == 1
     assert "no documents found" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in corpus.iterdir()} == files  # untouched, no temp files

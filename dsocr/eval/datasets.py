@@ -1023,8 +1023,10 @@ def build_markdown_set(
             if not line.strip():
                 continue
             r = json.loads(line)
-            if r.get("lang") != lang:
-                continue
+            if r.get("lang") != lang or r.get("source") not in (
+                HTML_ROOTS if roots is None else roots
+            ):
+                continue  # another language, or a plain-text source (no HTML to convert)
             path = doc_html_path(r["doc"], r["source"], roots)
             if not path.is_file():
                 missing.append(str(path))

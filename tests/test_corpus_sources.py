@@ -1,0 +1,129 @@
+"""build_corpus's plain-text sources and packaged corpora: paragraphs, chunks, fortunes, the
+Bible, source selection, and held-out grouping."""
+
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import build_corpus  # noqa: E402
+
+
+def test_text_paragraphs_join_wrapped_lines_and_keep_short_ones():
+    text = (
+        "Title\n=====\n\n"
+        "1 About\n2 Keeping it free\n  2.1 Referring\n\n"
+        "A long wrapped paragraph of prose that goes on across the whole width of\n"
+        "the text and then continues on the next line because it was wrapped.\n\n"
+        "* item one\n* item two, long enough to wrap across the full width of the text\n"
+        "  and continue on its second line\n"
+        "\x1b[33m-- Someone\x1b[m, in _\bb_\bo_\bl_\bd\n\n"
+        "要有礼貌，很难避免遇到与你意见不和，或者难以合作的\n人。请接受这一事实。\n"
+    )
+    assert build_corpus.text_paragraphs(text) == [
+        "Title",
+        "1 About",
+        "2 Keeping it free",
+        "2.1 Referring",
+        "A long wrapped paragraph of prose that goes on across the whole width of the text "
+        "and then continues on the next line because it was wrapped.",
+        "* item one",
+        "* item two, long enough to wrap across the full width of the text and continue on "
+        "its second line",
+        "-- Someone, in bold",
+        "要有礼貌，很难避免遇到与你意见不和，或者难以合作的人。请接受这一事实。",
+    ]
+
+
+def test_chunks_cut_between_paragraphs_and_lose_nothing():
+    paras = [f"paragraph {i} " + "x" * (i % 7 * 40) for i in range(300)]
+    parts = build_corpus.chunks(paras, size=2000)
+    assert len(parts) > 5
+    assert "\n".join(parts).split("\n") == paras  # every paragraph once, in order
+    assert all(len(p) >= 2000 for p in parts[:-1])
+    assert all(len(p) < 2000 + 7 * 40 + 20 for p in parts)  # at most one paragraph over
+
+
+def _fake_sources(tmp_path, monkeypatch):
+    fort = tmp_path / "fortunes"
+    (fort / "de").mkdir(parents=True)
+    (fort / "ru").mkdir()
+    entries = [f"Fortune number {i} is a short saying.\n\t-- Author {i}" for i in range(400)]
+    (fort / "wisdom").write_text("\n%\n".join(entries) + "\n%\n")
+    (fort / "wisdom.dat").write_bytes(b"\0binary index")
+    (fort / "wisdom.u8").symlink_to("wisdom")
+    (fort / "ascii-art").write_text("  /\\_/\\\n ( o.o )\n%\n" * 50)
+    (fort / "chinese").write_text("\n%\n".join(["要有礼貌，请接受这一事实。" * 10] * 30))
+    (fort / "de" / "zitate").write_text("\n%\n".join(["Ein deutsches Zitat, lang genug."] * 30))
+    manual = tmp_path / "manual.txt.gz"
+    paras = [f"Section {i} explains one thing about packages in some detail." for i in range(900)]
+    manual.write_bytes(gzip.compress("\n\n".join(paras).encode()))
+    bible = tmp_path / "bin" / "bible"
+    bible.parent.mkdir()
+    verses = "".join(
+        f"{b}{c}:{v} Verse {v} of chapter {c} of {b}, and it came to pass.\n"
+        for b in ("Ge", "1Sa", "Rev")
+        for c in (1, 2)
+        for v in range(1, 40)
+    )
+    (tmp_path / "verses.txt").write_text(verses)
+    bible.write_text(f"#!/bin/sh\ncat {tmp_path / 'verses.txt'}\n")
+    bible.chmod(0o755)
+    (tmp_path / "bible.data").write_bytes(b"x")
+    monkeypatch.setattr(build_corpus, "FORTUNES", fort)
+    monkeypatch.setattr(build_corpus, "TEXT_DOCS", (("debian-faq", "faq", "en", str(manual)),))
+    monkeypatch.setattr(build_corpus, "BIBLE_DATA", tmp_path / "bible.data")
+    monkeypatch.setattr(build_corpus, "_html_sources", lambda: iter(()))
+    monkeypatch.setenv("PATH", f"{bible.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_plain_text_and_packaged_sources_build_a_split_corpus(tmp_path, monkeypatch):
+    _fake_sources(tmp_path, monkeypatch)
+    docs = list(build_corpus.sources())
+    by_source = {}
+    for doc, group, lang, source, text in docs:
+        assert isinstance(text, str) and text
+        by_source.setdefault(source, []).append((doc, group, lang))
+    assert set(by_source) == {"debian-faq", "fortunes", "bible-kjv"}
+    faq = by_source["debian-faq"]
+    assert len(faq) > 1 and all(d == g for d, g, _ in faq)  # a manual's chunks: one group each
+    fortunes = {d: (g, lang) for d, g, lang in by_source["fortunes"]}
+    assert not any("ascii-art" in d or ".dat" in d or ".u8" in d for d in fortunes)
+    assert fortunes["fortunes/zh/chinese/0"] == ("fortunes/zh/chinese", "zh")
+    assert fortunes["fortunes/de/zitate/0"] == ("fortunes/de/zitate", "de")
+    wisdom = [d for d in fortunes if d.startswith("fortunes/en/wisdom/")]
+    assert len(wisdom) > 1 and {fortunes[d][0] for d in wisdom} == {"fortunes/en/wisdom"}
+    text = "\n".join(t for d, _, _, _, t in docs if d.startswith("fortunes/en/wisdom/"))
+    assert text.split("\n")[:2] == ["Fortune number 0 is a short saying.", "-- Author 0"]
+    books = {g for _, g, _ in by_source["bible-kjv"]}
+    assert books == {"bible-kjv/Ge", "bible-kjv/1Sa", "bible-kjv/Rev"}
+    bible = [t for d, _, _, s, t in docs if s == "bible-kjv" and d.startswith("bible-kjv/1Sa/")]
+    assert bible[0].split("\n")[0] == "Verse 1 of chapter 1 of 1Sa, and it came to pass."
+
+    manifest = build_corpus.build(tmp_path / "corpus", min_chars=100)
+    rows = []
+    for split in ("train", "heldout"):
+        for line in (tmp_path / "corpus" / f"{split}.jsonl").read_text().splitlines():
+            rows.append((split, json.loads(line)))
+    # every document of a group lands in one split, the one its group hashes to
+    for split, r in rows:
+        assert (split == "heldout") == build_corpus.is_heldout(r["group"])
+    assert sum(manifest["documents_by_source"].values()) == len(rows)
+    assert manifest["sources_requested"] == sorted(build_corpus.SOURCES)
+
+
+def test_sources_option_keeps_only_the_named_sources(tmp_path, monkeypatch, capsys):
+    _fake_sources(tmp_path, monkeypatch)
+    assert {d[3] for d in build_corpus.sources(only=["fortunes"])} == {"fortunes"}
+    monkeypatch.setattr(build_corpus, "_bible_sources", None)  # not even started when unwanted
+    assert {d[3] for d in build_corpus.sources(only=["debian-faq"])} == {"debian-faq"}
+    out = tmp_path / "corpus"
+    assert (
+        build_corpus.main(["--out", str(out), "--sources", "debian-faq", "--min-chars", "50"]) == 0
+    )
+    assert build_corpus.main(["--out", str(out), "--sources", "debian-faq,nope"]) == 2
+    assert "unknown nope" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["documents_by_source"]) == {"debian-faq"}
