@@ -201,7 +201,7 @@ def test_type_by_magic_not_extension(tmp_path):
     with pytest.raises(InputError, match="unsupported file type"):
         iter_pages(tmp_path / "notes.png")
     assert sniff_type(b"junk\n%PDF-1.4") == "pdf"
-    assert sniff_type(b"GIF89a") is None
+    assert sniff_type(b"GIF89a") == sniff_type(b"GIF87a") == "gif"
 
 
 def test_missing_empty_and_corrupt_files(tmp_path):

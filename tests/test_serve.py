@@ -6,8 +6,10 @@ import base64
 import io
 import random
 import socket
+import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -90,6 +92,18 @@ def _png(color=(255, 255, 255), size=(64, 48)) -> bytes:
     img.paste((0, 0, 0), (8, 8, 30, 20))
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG declaring w x h pixels in its IHDR, with an empty IDAT: Pillow opens it lazily."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 def _messages(png: bytes | None = None, text: str = "Free OCR."):
@@ -208,6 +222,23 @@ def test_non_image_payload_and_remote_url(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         _chat(client, messages=_messages(png=b"hello, this is not an image" * 4))
     assert e.value.status_code == 400 and "not a supported image" in str(e.value)
+    # Images are decoded as convert decodes files: corrupt data, a header claiming 50,000 x
+    # 50,000 pixels and a HEIC without pillow-heif are 400s with the reason, a GIF is read.
+    bad = {
+        "corrupt or truncated": _png()[:60],
+        "image too large: 2,500,000,000 pixels": _png_header(50_000, 50_000),
+        "ftyp": b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64,
+    }
+    for reason, data in bad.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, messages=_messages(png=data))
+        assert e.value.status_code == 400 and "cannot decode image" in str(e.value)
+        if reason != "ftyp":
+            assert reason in str(e.value)
+    gif = io.BytesIO()
+    frames = [Image.new("P", (64, 48), 1), Image.new("P", (64, 48), 2)]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    assert len(_chat(client, messages=_messages(png=gif.getvalue())).choices) == 1
     remote = [
         {
             "role": "user",

@@ -8,7 +8,12 @@ no AGPL) at ``scale = dpi / 72`` on a white background, forms and annotations dr
 Everything a user can get wrong about an input file surfaces as :class:`InputError`, whose
 ``str()`` is one line ``"<path>: <reason>"`` (missing/unreadable/empty file, unsupported type,
 corrupt image or PDF, encrypted PDF without or with a wrong password, zero-page PDF, image over
-the pixel limit). The file type is decided by magic bytes, never by the extension alone.
+the pixel limit, an AVIF or HEIC file this installation cannot decode). The file type is decided
+by magic bytes, never by the extension alone.
+
+Image types: PNG, JPEG, TIFF, WebP, BMP and GIF always; AVIF when Pillow is built with libavif
+(the PyPI wheels are); HEIC/HEIF when the optional ``pillow-heif`` package is installed
+(``pip install 'dsocr[heif]'``; its Pillow opener is registered on the first HEIC file).
 
 Decisions:
 - Page ranges are 1-based for users (``"1-5,9"``, ``"3-"``) and 0-based in code. Zero, reversed
@@ -18,10 +23,14 @@ Decisions:
 - Images over ``max_pixels`` (read from the header; Pillow's ``open`` does not decode) are
   rejected; Pillow's own ``DecompressionBombError`` is mapped to the same error. PDF pages whose
   render would exceed ``max_pixels`` are rendered at a lower dpi (with a warning) instead, and
-  the page's ``dpi`` says which.
+  the page's ``dpi`` says which. A GIF frame may extend Pillow's canvas past the logical screen,
+  so a GIF's largest frame extent is read from its block structure (no decoding) and checked too.
 - Images with transparency are flattened onto white (the official code drops alpha, which turns
-  transparent backgrounds black); 16-bit greyscale is scaled to 8 bits, float images in
-  [0, 1] by 255. A camera MPO (a JPEG with preview frames) is one page.
+  transparent backgrounds black); 16-bit greyscale is scaled to 8 bits by its significant bits
+  (12-bit scanner and camera data in a 16-bit file included, see :func:`_to_rgb`), float images
+  in [0, 1] by 255. A camera MPO (a JPEG with preview frames) is one page; the frames of an
+  animated GIF or AVIF are pages, like a multi-page TIFF's (each as displayed: composed onto the
+  frames before it, as the format's disposal says).
 - PDFium is not thread-safe: every call into it holds one module-level lock, so several threads
   may iterate different documents (rendering is then serialised).
 - Output names: :func:`safe_stem` never escapes the output directory; :func:`unique_stems`
@@ -35,6 +44,7 @@ import glob
 import math
 import os
 import re
+import struct
 import threading
 import unicodedata
 import warnings
@@ -48,7 +58,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_DPI = 144  # official PDF runner (PyMuPDF zoom 2.0)
 MAX_PIXELS = 89_478_485  # Pillow's own warning threshold (~9459 x 9459); ~270 MB as RGB
 SUPPORTED_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
-IMAGE_TYPES = ("png", "jpeg", "tiff", "webp", "bmp")
+SUPPORTED_EXTENSIONS += (".gif", ".avif", ".heic", ".heif")
+IMAGE_TYPES = ("png", "jpeg", "tiff", "webp", "bmp", "gif", "avif", "heif")
+IMAGE_TYPE_NAMES = "PNG/JPEG/TIFF/WebP/BMP/GIF/AVIF/HEIC"  # for messages
+UNSUPPORTED_TYPE = f"unsupported file type (expected a PDF or a {IMAGE_TYPE_NAMES} image)"
+HEIF_NEEDS_PLUGIN = (
+    "HEIC/HEIF image needs the optional pillow-heif package (pip install 'dsocr[heif]')"
+)
+AVIF_NEEDS_LIBAVIF = (
+    "AVIF image needs Pillow built with libavif (PIL.features.check('avif') is False)"
+)
+
+# ISO-BMFF (``ftyp`` box) brands: AVIF still/sequence; HEVC-coded HEIF; generic HEIF (either)
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEVC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"})
+_MIF_BRANDS = frozenset({b"mif1", b"msf1"})
 
 _PDFIUM_LOCK = threading.RLock()
 
@@ -73,7 +97,7 @@ class PageImage:
     """One page ready for the model.
 
     ``index`` is 0-based within the source file; ``page_count`` is the source's total page count
-    (frames for a multi-frame TIFF). ``dpi`` is the render resolution for PDF pages, or the
+    (frames for a multi-frame TIFF or an animated GIF). ``dpi`` is the render resolution for PDF pages, or the
     resolution stored in an image file (None when absent). ``text_layer`` is a PDF page's own
     text (PDFium text extraction), a coarse reference for checks; None for images.
     """
@@ -193,8 +217,32 @@ def sniff_type(head: bytes) -> str | None:
         return "webp"
     if head[:2] == b"BM" and len(head) >= 26:
         return "bmp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[4:8] == b"ftyp":
+        return _sniff_ftyp(head)
     if b"%PDF-" in head[:1024]:  # PDF allows junk before the header; PDFium tolerates it
         return "pdf"
+    return None
+
+
+def _sniff_ftyp(head: bytes) -> str | None:
+    """``"avif"``, ``"heif"`` or None from an ISO-BMFF ``ftyp`` box (size, ``ftyp``, major brand,
+    minor version, compatible brands). A major brand avif/avis or heic/heix/hevc/... decides;
+    else the brands listed, AVIF first, since an AVIF file may have the generic ``mif1``/``msf1``
+    as its major brand; generic HEIF alone is HEIF. MP4/MOV videos: None."""
+    size = int.from_bytes(head[:4], "big")
+    end = min(len(head), size) if size >= 16 else 16
+    major = head[8:12]
+    brands = {major} | {head[k : k + 4] for k in range(16, end - 3, 4)}
+    if major in _AVIF_BRANDS:
+        return "avif"
+    if major in _HEVC_BRANDS:
+        return "heif"
+    if brands & _AVIF_BRANDS:
+        return "avif"
+    if brands & (_HEVC_BRANDS | _MIF_BRANDS):
+        return "heif"
     return None
 
 
@@ -225,10 +273,42 @@ def _check_file(path: Path) -> str:
         raise InputError(path, f"cannot read file: {e.strerror or e}") from None
     kind = sniff_type(head)
     if kind is None:
-        raise InputError(
-            path, "unsupported file type (expected a PDF or a PNG/JPEG/TIFF/WebP/BMP image)"
-        )
+        raise InputError(path, UNSUPPORTED_TYPE)
+    check_decoder(path, kind)
     return kind
+
+
+def check_decoder(path: str | os.PathLike, kind: str | None) -> None:
+    """Raise :class:`InputError` when this installation cannot decode a file of type ``kind``
+    (from :func:`sniff_type`): AVIF without libavif in Pillow, HEIC/HEIF without pillow-heif.
+    For HEIF it also registers pillow-heif's Pillow opener (once), so ``Image.open`` reads it."""
+    if kind == "avif" and not _has_avif():
+        raise InputError(path, AVIF_NEEDS_LIBAVIF)
+    if kind == "heif" and not _heif_opener():
+        raise InputError(path, HEIF_NEEDS_PLUGIN)
+
+
+def _has_avif() -> bool:
+    from PIL import features
+
+    return bool(features.check("avif"))
+
+
+_HEIF_STATE = {"registered": False}
+_HEIF_LOCK = threading.Lock()
+
+
+def _heif_opener() -> bool:
+    """Whether pillow-heif is importable; registers its opener with Pillow the first time."""
+    try:
+        import pillow_heif
+    except (ImportError, OSError):  # absent, or a wheel whose libheif does not load
+        return False
+    with _HEIF_LOCK:
+        if not _HEIF_STATE["registered"]:
+            pillow_heif.register_heif_opener()
+            _HEIF_STATE["registered"] = True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +327,8 @@ def iter_pages(
     """Yield the pages of a PDF or image file as RGB :class:`PageImage`.
 
     ``pages`` is a 1-based range string (see :func:`parse_page_ranges`) or a sequence of 0-based
-    indices; None means all pages (all frames of a multi-frame TIFF). ``dpi`` applies to PDFs.
+    indices; None means all pages (all frames of a multi-frame TIFF, an animated GIF or AVIF).
+    ``dpi`` applies to PDFs.
     The file is opened and checked *now*: problems with the file raise :class:`InputError`
     from this call; a page that fails to render raises it during iteration. The returned
     generator holds the file open until it is exhausted or closed. Pillow's own bomb limit
@@ -402,14 +483,49 @@ def _open_image(path: Path, fp, max_pixels: int | None) -> Image.Image:
         raise InputError(path, f"unsupported image format {img.format}")
     if max_pixels is not None:
         _check_pixels(path, img, max_pixels)
+        if img.format == "GIF":  # a frame may grow the canvas; Pillow checks only its own limit
+            _check_pixels(path, img, max_pixels, size=_gif_extent(path))
     return img
+
+
+def _gif_extent(path: Path) -> tuple[int, int]:
+    """The canvas a GIF needs for all its frames: its logical screen grown to every frame's
+    extent (as Pillow grows it when it reaches that frame), read from the block structure
+    without decoding. Bytes that start no block are skipped one by one, as Pillow does."""
+
+    def skip_sub_blocks(f) -> None:
+        while (n := f.read(1)) and n != b"\x00":
+            f.seek(n[0], os.SEEK_CUR)
+
+    with open(path, "rb") as f:
+        head = f.read(13)
+        if len(head) < 13:
+            return 0, 0  # Pillow has refused it already
+        w, h = struct.unpack("<HH", head[6:10])
+        if head[10] & 0x80:  # global colour table
+            f.seek(3 << ((head[10] & 7) + 1), os.SEEK_CUR)
+        while (b := f.read(1)) and b != b";":
+            if b == b",":  # image descriptor: left, top, width, height, flags
+                d = f.read(9)
+                if len(d) < 9:
+                    break
+                x, y, fw, fh = struct.unpack("<HHHH", d[:8])
+                w, h = max(w, x + fw), max(h, y + fh)
+                if d[8] & 0x80:  # local colour table
+                    f.seek(3 << ((d[8] & 7) + 1), os.SEEK_CUR)
+                f.read(1)  # LZW minimum code size
+                skip_sub_blocks(f)
+            elif b == b"!":  # extension: label, then sub-blocks
+                f.read(1)
+                skip_sub_blocks(f)
+    return w, h
 
 
 def _page_frames(img: Image.Image) -> list[int]:
     """The frames of an image file that are pages. An MPO (a camera JPEG with a preview or depth
-    image after the photo) is one page. A TIFF frame marked as a reduced-resolution copy of
-    another (NewSubfileType bit 0: a scanner's thumbnail or preview) is not a page, unless every
-    frame is marked."""
+    image after the photo) is one page; every frame of a GIF, AVIF or HEIF is one. A TIFF frame
+    marked as a reduced-resolution copy of another (NewSubfileType bit 0: a scanner's thumbnail
+    or preview) is not a page, unless every frame is marked."""
     if img.format == "MPO":
         return [0]
     n = getattr(img, "n_frames", 1)
@@ -458,8 +574,8 @@ def _bomb_reason(e: Image.DecompressionBombError, max_pixels: int | None) -> str
     )
 
 
-def _check_pixels(path, img: Image.Image, max_pixels: int) -> None:
-    w, h = img.size
+def _check_pixels(path, img: Image.Image, max_pixels: int, size=None) -> None:
+    w, h = size or img.size
     if w * h > max_pixels:
         raise InputError(
             path,
@@ -479,8 +595,9 @@ def _iter_image(path, fp, img, indices, frames, max_pixels) -> Iterator[PageImag
                         img.seek(frames[i])
                         _check_pixels(path, img, max_pixels)
                     img.load()
+                    bits = _declared_bits(path, img)  # before exif_transpose drops the tags
                     frame = ImageOps.exif_transpose(img) or img
-                    rgb = _to_rgb(frame)
+                    rgb = _to_rgb(frame, bits)
                     rgb.info.pop("exif", None)  # applied; later readers would warn again
                 except InputError:
                     raise
@@ -501,15 +618,60 @@ def _iter_image(path, fp, img, indices, frames, max_pixels) -> Iterator[PageImag
         fp.close()
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency flattened onto white, 16-bit scaled to 8-bit."""
+def _png_sbit(path: Path) -> bytes | None:
+    """A PNG's sBIT chunk (significant bits per channel), which Pillow does not expose; it must
+    precede the image data."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        while len(head := f.read(8)) == 8:
+            n, kind = struct.unpack(">I4s", head)
+            if kind == b"sBIT":
+                return f.read(min(n, 4))
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            f.seek(n + 4, os.SEEK_CUR)  # data and CRC
+    return None
+
+
+def _declared_bits(path: Path, img: Image.Image) -> int | None:
+    """The significant bits a 16-bit greyscale image's file declares, or None: a PNG's sBIT
+    chunk (1 to 16), a TIFF's BitsPerSample (tag 258) below 16 (12-bit packed samples, which
+    Pillow unpacks to 16 bits). A TIFF's BitsPerSample of 16 is only the container size."""
+    if not img.mode.startswith("I;16"):
+        return None
+    if img.format == "PNG":
+        sbit = _png_sbit(path)
+        return sbit[0] if sbit and 1 <= sbit[0] <= 16 else None
+    if img.format == "TIFF":
+        bps = img.tag_v2.get(258)
+        bps = bps[0] if isinstance(bps, tuple) and bps else bps
+        return bps if isinstance(bps, int) and 1 <= bps < 16 else None
+    return None
+
+
+def _to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency flattened onto white, 16-bit scaled to 8-bit.
+
+    16-bit greyscale (``I;16*``) is mapped to 0..255 from 0..``top`` (truncated): ``top`` is
+    ``2**bits - 1`` when the file declares its significant ``bits`` (:func:`_declared_bits`: a
+    PNG's sBIT, a TIFF's BitsPerSample below 16); otherwise 4095 when the image's maximum is at
+    most 4095 (12-bit samples in a 16-bit file, as many scanners and medical or industrial
+    cameras write: divided by 65535 such a page would come out almost black), else 65535. So a
+    genuine 16-bit image whose brightest pixel is at most 4095 is brightened 16 times unless its
+    PNG says sBIT 16. 32-bit integer and float images use 255 or, with values over 255, 65535;
+    float images in [0, 1] use 1.
+    """
     mode = img.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(img).astype(np.float64)
-        top = 65535.0 if (mode.startswith("I;16") or a.max(initial=0) > 255) else 255.0
-        if mode == "F" and a.max(initial=0) <= 1.0:
+        peak = a.max(initial=0)
+        if mode.startswith("I;16"):
+            top = float(2**bits - 1) if bits else (4095.0 if peak <= 4095 else 65535.0)
+        elif mode == "F" and peak <= 1.0:
             top = 1.0  # a float image in [0, 1]
-        a = np.clip(a * (255.0 / top), 0, 255).astype(np.uint8)
+        else:
+            top = 65535.0 if peak > 255 else 255.0
+        a = np.clip(a * (255.0 / top), 0, 255).astype(np.uint8)  # truncated, as before
         return Image.fromarray(a, "L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img, mode = img.convert("RGBA"), "RGBA"

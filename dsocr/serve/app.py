@@ -52,7 +52,6 @@ import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +68,16 @@ from dsocr.engine.generate import Engine, GenerationParams, Request, StreamEvent
 from dsocr.engine.sampling import OFFICIAL_NGRAM_SETTINGS, ngram_whitelist_for
 from dsocr.language.tokenizer import build_prompt_ids
 from dsocr.pipeline.providers import (
+    IMAGE_TYPE_NAMES,
     MAX_PIXELS,
     InputError,
     count_pages,
+    iter_pages,
     parse_page_ranges,
     safe_stem,
     sniff_type,
 )
-from dsocr.vision.preprocess import check_image_size, preprocess_image
+from dsocr.vision.preprocess import preprocess_image
 
 IMAGE_TOKEN = "<image>"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -602,6 +603,9 @@ def create_app(
         return raw
 
     def open_image(raw: bytes) -> Image.Image:
+        """An uploaded image's first page, decoded as ``dsocr convert`` decodes files
+        (``iter_pages``: the pixel limit, EXIF rotation, 12-bit samples, transparency, AVIF
+        and HEIC decoders), from a private temporary file."""
         if len(raw) > max_upload_bytes:
             raise _too_large(
                 f"image of {len(raw)} bytes exceeds the upload limit of {max_upload_bytes} bytes"
@@ -610,18 +614,22 @@ def create_app(
         if kind is None or kind == "pdf":
             raise APIError(
                 400,
-                "payload is not a supported image (PNG/JPEG/TIFF/WebP/BMP); use /v1/ocr for PDFs",
+                f"payload is not a supported image ({IMAGE_TYPE_NAMES}); use /v1/ocr for PDFs",
                 code="invalid_image",
             )
-        try:
-            img = Image.open(BytesIO(raw))
-            check_image_size(img, MAX_PIXELS)  # the same limit as /v1/ocr and convert
-            img.load()
-            return img.convert("RGB")
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a broken image is the client's problem
-            raise APIError(400, f"cannot decode image: {e}", code="invalid_image") from None
+        with tempfile.TemporaryDirectory(prefix="dsocr-image-") as d:
+            path = Path(d) / f"image.{kind}"
+            path.write_bytes(raw)
+            try:
+                pages = iter_pages(path, pages=[0], max_pixels=MAX_PIXELS, extract_text=False)
+                try:
+                    return next(pages).image
+                finally:
+                    pages.close()
+            except InputError as e:  # corrupt, too many pixels, no decoder: the client's
+                raise APIError(
+                    400, f"cannot decode image: {e.reason}", code="invalid_image"
+                ) from None
 
     def prepare(body: ChatRequest, deadline: float) -> _Prepared:
         """Prompt text + images from the messages -> an engine Request (runs in a thread)."""
@@ -904,7 +912,7 @@ def create_app(
         if kind is None:
             raise APIError(
                 400,
-                "unsupported file type (expected a PDF or a PNG/JPEG/TIFF/WebP/BMP image)",
+                "unsupported file type (expected a PDF or a PNG/JPEG/TIFF/WebP/BMP/GIF/AVIF/HEIC image)",
                 code="invalid_file",
             )
         options: dict[str, Any] = {}
