@@ -1,5 +1,6 @@
 """dsocr.render: determinism, pagination invariant, scripts, Markdown, fit_to_mode, degrade."""
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -21,7 +22,7 @@ from dsocr.render import (
     unrenderable,
 )
 from dsocr.render.fonts import FACES, FONT_DIR, face
-from dsocr.render.layout import layout_text
+from dsocr.render.layout import RECT, TEXT, layout_markdown, layout_text, paginate
 
 SMALL = PageStyle(width=320, height=240, font_size=14, margin=8)
 PROSE = (
@@ -309,6 +310,10 @@ def test_style_validation():
         (dict(font_size="12"), "font_size must be a finite number"),  # TypeError
         (dict(dpi=0), "dpi must be > 0"),
         (dict(background=256), "grey levels"),
+        (dict(direction="RTL"), r"direction must be one of \('auto', 'ltr', 'rtl'\), got 'RTL'"),
+        (dict(direction="right-to-left"), "direction must be one of"),
+        (dict(direction=None), "direction must be one of"),
+        (dict(direction=["rtl"]), "direction must be one of"),  # unhashable: not a TypeError
     ]
     for kw, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -321,3 +326,181 @@ def test_render_does_not_import_torch():
     code = "import sys, dsocr.render; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# Right-to-left Markdown layout: per-block base direction, mirrored blocks
+
+RTL_STYLE = PageStyle(width=600, height=400, font_size=16, margin=10)  # column: x 10..590
+
+
+def ink_cols(page: Page, rows: slice = slice(None)) -> np.ndarray:
+    return np.flatnonzero(ink(page)[rows].any(axis=0))
+
+
+def texts_by_x(item) -> list[tuple[int, str]]:
+    """(x, drawn string) of an item's text ops, left to right."""
+    return sorted((op[1], op[4]) for op in item.ops if op[0] == TEXT)
+
+
+def lines_of(items) -> list:
+    return [it for it in items if any(op[0] == TEXT for op in it.ops)]
+
+
+def test_rtl_markdown_paragraph_and_heading_are_right_aligned():
+    for md in ("مرحبا بالعالم\n", "# عنوان قصير\n", "> اقتباس قصير\n"):
+        (page,) = render_markdown(md, RTL_STYLE)
+        cols = np.flatnonzero((np.asarray(page.image) < 200).any(axis=0))  # grey quote bar too
+        assert cols.max() >= 585, md  # at the right margin (x 590)
+        assert cols.min() > 300, md  # a short line does not reach the left half
+    (quote,) = lines_of(layout_markdown("> اقتباس قصير\n", RTL_STYLE))
+    (bar,) = [op for op in quote.ops if op[0] == RECT]
+    (_, text), *_ = texts_by_x(quote)
+    assert bar[3] == RTL_STYLE.column_width - 1  # the quote bar is on the right
+    assert max(x for x, _ in texts_by_x(quote)) + face("arabic", 16).measure(text) < bar[1]
+
+
+def test_rtl_list_markers_are_on_the_right():
+    md = "- العنصر الأول\n- الثاني\n  1. عنصر مرقم\n  2) آخر\n"
+    (page,) = render_markdown(md, RTL_STYLE)
+    cols = ink_cols(page)
+    assert cols.min() > 300  # no bullet at the left
+    items = lines_of(layout_markdown(md, RTL_STYLE))
+    assert len(items) == 4
+    indent = round(16 * 1.5)
+    for item, marker, level in zip(items, ["•", "•", ".1", "(2"], [0, 0, 1, 1]):
+        ops = texts_by_x(item)
+        assert "".join(s for _, s in ops[1:]) == marker  # rightmost, in visual order
+        assert ops[0][0] < ops[1][0]  # the item text is left of its marker
+        edge = RTL_STYLE.column_width - indent * (level + 1)  # text's right edge, marker after
+        assert edge < ops[1][0] < edge + 12
+    # the bullet's ink is at the right, with a gap between it and the text
+    first = ink(page)[: items[0].height + 8]
+    used = np.flatnonzero(first.any(axis=0))
+    gap = np.flatnonzero(np.diff(used) > 2)
+    assert len(gap) and used[gap[-1]] <= RTL_STYLE.margin + RTL_STYLE.column_width - indent + 1
+    assert used.max() > RTL_STYLE.margin + RTL_STYLE.column_width - indent + 3  # the bullet
+
+
+def test_rtl_table_runs_columns_from_the_right():
+    md = "| الاسم | العمر |\n|---|---|\n| علي | 30 |\n| سارة | 25 |\n"
+    rows = lines_of(layout_markdown(md, RTL_STYLE))
+    assert len(rows) == 3
+    header = texts_by_x(rows[0])
+    assert [s for _, s in header] == ["العمر", "الاسم"]  # first column at the right
+    assert [s for _, s in texts_by_x(rows[1])] == ["30", "علي"]
+    rects = [op for op in rows[0].ops if op[0] == RECT]
+    assert max(op[3] for op in rects) == RTL_STYLE.column_width - 1  # grid hugs the right edge
+    assert min(op[1] for op in rects) > 300  # a narrow table does not span the column
+    first_col = max(rects, key=lambda op: op[1])
+    assert header[1][0] > first_col[1]  # "الاسم" inside the rightmost cell
+    (page,) = render_markdown(md, RTL_STYLE)
+    cols = ink_cols(page)
+    assert cols.max() == RTL_STYLE.margin + RTL_STYLE.column_width - 1 and cols.min() > 300
+    # a Latin table keeps its first column at the left
+    ltr = lines_of(layout_markdown("| name | age |\n|---|---|\n| Ali | 30 |\n", RTL_STYLE))
+    assert [s for _, s in texts_by_x(ltr[0])] == ["name", "age"]
+    assert min(op[1] for op in ltr[0].ops if op[0] == RECT) == 0
+
+
+def test_mixed_document_decides_per_block():
+    md = (
+        "# English title\n\nAn English paragraph.\n\n- English item\n\n"
+        "# عنوان\n\nفقرة عربية قصيرة.\n\n- عنصر\n\n2024\n\nBack to English.\n"
+    )
+    style = dataclasses.replace(RTL_STYLE, height=800)
+    (page,) = render_markdown(md, style)
+    assert page.text == md
+    (placed,), _ = paginate(layout_markdown(md, style), 1, style.column_height)
+    bands = [(y, it) for _, y, it in placed.items if any(op[0] == TEXT for op in it.ops)]
+    assert len(bands) == 8
+    dark = ink(page)
+    edges = []
+    for y, it in bands:
+        cols = np.flatnonzero(dark[10 + y : 10 + y + it.height].any(axis=0))
+        edges.append((cols.min(), cols.max()))
+    for k in (0, 1, 2, 7):  # English heading, paragraph, list item, last paragraph: left
+        assert edges[k][0] < 50 and edges[k][1] < 400, (k, edges[k])
+    for k in (3, 4, 5, 6):  # Arabic heading, paragraph, list item, and "2024" after them: right
+        assert edges[k][0] > 300 and edges[k][1] > 570, (k, edges[k])
+    assert texts_by_x(bands[2][1])[0][1] == "•"  # English list: bullet left of the text
+    assert texts_by_x(bands[5][1])[-1][1] == "•"  # Arabic list: bullet right of the text
+
+
+def test_direction_option_forces_the_base_direction():
+    md = "مرحبا بالعالم\n\n- عنصر\n\n| أ | ب |\n|---|---|\n| 1 | 2 |\n"
+    ltr = dataclasses.replace(RTL_STYLE, direction="ltr")
+    (page,) = render_markdown(md, ltr)
+    assert ink_cols(page).min() < 40 and ink_cols(page).max() < 300  # all on the left
+    items = lines_of(layout_markdown(md, ltr))
+    assert texts_by_x(items[1])[0][1] == "•"
+    assert [s for _, s in texts_by_x(items[2])] == ["أ", "ب"]
+    (page,) = render_text("مرحبا بالعالم", ltr)
+    assert ink_cols(page).min() < 20 and ink_cols(page).max() < 300
+    rtl = dataclasses.replace(RTL_STYLE, direction="rtl")
+    for render in (render_text, render_markdown):
+        (page,) = render("Hello world.", rtl)
+        cols = ink_cols(page)
+        assert cols.max() >= 585 and cols.min() > 300
+    assert [s for _, s in texts_by_x(layout_text("Hello world.", rtl)[0])] == [".", "Hello world"]
+    assert "".join(ch for ch, _, _ in glyph_centers("Hello world.", rtl)[0]) == ".Helloworld"
+
+
+def test_code_blocks_stay_left_to_right():
+    md = "فقرة\n\n```\n# تعليق\nx = 1\n```\n"
+    for direction in ("auto", "rtl"):
+        style = dataclasses.replace(RTL_STYLE, direction=direction)
+        items = lines_of(layout_markdown(md, style))
+        code = [it for it in items if md[it.start] in "#x"]
+        assert len(code) == 2
+        for it in code:
+            assert texts_by_x(it)[0][0] == max(2, 16 // 3), direction  # from the code padding
+        assert texts_by_x(code[0])[0][1] == "#"
+
+
+def test_neutral_block_takes_the_previous_blocks_direction():
+    items = layout_text("123\nمرحبا\n456\nabc\n789", RTL_STYLE)
+    xs = [texts_by_x(it)[0][0] for it in items]
+    assert xs[0] == 0 and xs[3] == 0 and xs[4] == 0  # document start, and after Latin: LTR
+    assert xs[1] > 300 and xs[2] > 300  # after Arabic: right-aligned
+
+
+@pytest.mark.parametrize("direction", ["auto", "rtl"])
+def test_rtl_glyph_centres_lie_in_the_ink(direction):
+    style = dataclasses.replace(SMALL, direction=direction)
+    text = "مرحبا بالعالم (نص) 123\nשלום עולם\nكتاب [x] جديد."
+    (page,) = render_text(text, style)
+    (glyphs,) = glyph_centers(text, style)
+    assert sorted(ch for ch, _, _ in glyphs) == sorted(text.replace(" ", "").replace("\n", ""))
+    dark = ink(page)
+    for ch, x, y in glyphs:
+        y0 = int(y)
+        band = dark[max(0, y0 - 12) : y0 + 8]
+        cols = np.flatnonzero(band.any(axis=0))
+        assert cols.min() - 1 <= x <= cols.max() + 1, ch  # inside the line's drawn ink
+        assert x > 320 / 2, ch  # right-aligned short lines
+        x0 = int(x)
+        assert band[:, max(0, x0 - 6) : x0 + 7].any(), ch  # ink next to the centre
+
+
+def test_rtl_pagination_keeps_every_character_once():
+    para = "يحول النظام النص الطويل إلى صور صفحات ثم يقرأ النص من جديد (بدقة 97%). "
+    text = "\n".join(f"{i}. {para * (1 + i % 3)}" for i in range(30))
+    for style in (SMALL, dataclasses.replace(SMALL, columns=2, column_gap=12)):
+        pages = render_text(text, style)
+        assert len(pages) > 3 and joined(pages) == text
+        assert len(glyph_centers(text, style)) == len(pages)
+        for p in pages:
+            cols = ink_cols(p)
+            assert cols.min() >= style.margin - 1 and cols.max() <= 320 - style.margin
+    md = "\n\n".join(
+        f"## قسم {i}\n\n{para * 3}\n\n- {para}\n- بند\n\n> {para}\n\n"
+        "| عمود | قيمة |\n|---|---|\n| أ | 1 |\n| ب | 2 |"
+        for i in range(8)
+    )
+    for style in (SMALL, dataclasses.replace(SMALL, direction="rtl", columns=2)):
+        pages = render_markdown(md, style)
+        assert len(pages) > 3 and joined(pages) == md
+    english = PROSE * 40
+    pages = render_text(english, dataclasses.replace(SMALL, direction="rtl"))
+    assert len(pages) > 1 and joined(pages) == english

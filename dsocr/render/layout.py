@@ -12,11 +12,20 @@ between any two CJK characters (opening brackets stick to the next character, cl
 to the previous one). A word wider than the line is cut at grapheme-ish boundaries (never before a
 combining mark, ZWJ/ZWNJ, or after a virama).
 
-Bidi: a line with right-to-left text gets UAX #9 levels (weak types, bracket pairs, neutrals; no
-explicit embeddings or isolates) and is drawn as runs of one face and level in rule-L2 order, from
-the right edge when the paragraph's first strong character is RTL. raqm shapes and orders inside
-an RTL face's run; brackets and punctuation of other faces at odd levels are reversed and
-mirrored. Lines with no RTL text take the plain left-to-right path.
+Bidi: every block (a plain-text line; a Markdown paragraph, heading, list item, quote or table)
+has a base direction (``Bases``): PageStyle.direction "ltr" or "rtl" forces it; "auto" (the
+default) takes it from the block's first strong character (UAX #9 P2-P3), or, for a block with
+none, from the block before it. A line with right-to-left text or base direction gets UAX #9
+levels (weak types, bracket pairs, neutrals; no explicit embeddings or isolates) and is drawn as
+runs of one face and level in rule-L2 order. raqm shapes and orders inside an RTL face's run;
+brackets and punctuation of other faces at odd levels are reversed and mirrored. Lines with no
+RTL text in a left-to-right block take the plain left-to-right path.
+
+Right-to-left blocks are mirrored: lines are right-aligned, a list marker sits right of its text
+with the indent taken from the right ("1." drawn ".1"), a quote's bar is on the right, and a
+table's first column is at the right edge (each cell's text takes its own direction, the table's
+when it has none). Code blocks always stay left to right. Mirroring moves only x positions, so
+item heights, source offsets and pagination are the same in either direction.
 
 Markdown subset: ATX headings, fenced code blocks, pipe tables, "-", "*", "+", "1." and "1)" lists
 (nesting by indent), "> " quotes, thematic breaks, paragraphs, and inline **bold**, __bold__ and
@@ -179,15 +188,54 @@ def wrap(text: str, faces: list[Face] | None, prim: Face, width: float) -> list[
     return lines
 
 
-def _is_rtl(text: str) -> bool:
-    """Paragraph direction from the first strong character (UAX #9 rules P2-P3)."""
+DIRECTIONS = ("auto", "ltr", "rtl")  # PageStyle.direction values
+
+
+def _first_strong(text: str) -> bool | None:
+    """UAX #9 rule P2: True if the first strong character is R or AL, False if it is L, None if
+    the text has none (then P3 would say LTR; ``Bases`` lets the previous block decide)."""
     for ch in text:
         bidi = unicodedata.bidirectional(ch)
         if bidi == "L":
             return False
         if bidi in ("R", "AL"):
             return True
-    return False
+    return None
+
+
+class Bases:
+    """Base direction (True: right to left) of each block of one document, in document order.
+
+    direction "ltr" / "rtl" forces it; "auto" takes it from the block's first strong character
+    (UAX #9 P2-P3) and, for a block with none (a line of digits or punctuation), from the block
+    before it (a higher-level protocol, HL1), left to right at the start of the document.
+    """
+
+    __slots__ = ("forced", "prev")
+
+    def __init__(self, direction: str = "auto"):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        self.forced = None if direction == "auto" else direction == "rtl"
+        self.prev = False
+
+    def __call__(self, text: str) -> bool:
+        """The direction of the next block, whose display text is text."""
+        if self.forced is not None:
+            return self.forced
+        rtl = _first_strong(text)
+        if rtl is None:
+            return self.prev
+        self.prev = rtl
+        return rtl
+
+    def inner(self, text: str, outer: bool) -> bool:
+        """The direction of a part of a block (a table cell): its own first strong character,
+        else the block's; forced like the blocks. Does not move the document's direction."""
+        if self.forced is not None:
+            return self.forced
+        rtl = _first_strong(text)
+        return outer if rtl is None else rtl
 
 
 # Paired brackets (UAX #9 BD14-BD16) and mirrored glyphs (rule L4) for faces drawn without raqm.
@@ -301,10 +349,11 @@ def line_ops(
     y: int,
     rtl: bool,
 ) -> list[tuple]:
-    """Text ops drawing text[s:e] with its baseline at y, from x0 (or right-aligned if rtl).
+    """Text ops drawing text[s:e] with its baseline at y, from x0, or right-aligned in
+    [x0, x0 + width] if rtl (the paragraph's base direction; then faces must not be None).
 
-    Lines with right-to-left text are ordered by ``_bidi_levels``: runs of one face and level,
-    reversed per UAX #9 rule L2; raqm shapes and orders inside an RTL face's run, and a run of
+    Lines with right-to-left text or base direction are ordered by ``_bidi_levels``: runs of one
+    face and level, reversed per UAX #9 rule L2; raqm shapes and orders inside an RTL face's run, and a run of
     another face at an odd level (brackets, punctuation) is drawn reversed with mirrored glyphs.
     Such an op carries a sixth field: its characters in drawn order, unmirrored.
     """
@@ -398,15 +447,18 @@ def para_items(
     x0: int = 0,
     pre_ops: tuple = (),
     first_ops: tuple = (),
+    rtl: bool = False,
 ) -> list[Item]:
     """Wrap a paragraph into line items; the first starts at `start`, the rest at their text.
 
-    pre_ops are drawn under every line (e.g. a code block's shading), first_ops on the first line
-    only (a list marker).
+    Lines span [x0, width]: from x0, or right-aligned at width when rtl (the paragraph's base
+    direction, see ``Bases``). pre_ops are drawn under every line (e.g. a code block's shading),
+    first_ops on the first line only (a list marker).
     """
     prim = face(family, size)
     faces = faces_for(para, family, size)
-    rtl = faces is not None and _is_rtl(para.text)
+    if rtl and faces is None:
+        faces = [prim] * len(para.text)  # the bidi path orders even one-face lines
     base = baseline(family, size, line_px)
     items = []
     for k, (s, e) in enumerate(wrap(para.text, faces, prim, width - x0)):
@@ -440,15 +492,19 @@ def _expand(line: str, base: int) -> Para:
 
 
 def layout_text(text: str, style: PageStyle) -> list[Item]:
-    """Plain text: every source line is a paragraph; "\\f" (form feed) also starts a new page."""
+    """Plain text: every source line is a paragraph; "\\f" (form feed) also starts a new page.
+
+    Each line takes its own base direction (``Bases``): right-aligned when right to left."""
     items: list[Item] = []
     size, line_px, width = style.font_size, style.line_px, style.column_width
     start, page_break, n = 0, False, len(text)
+    bases = Bases(style.direction)
     for m in re.finditer(r"[\n\f]|\Z", text):
         end = m.start()
         if start == n and n > 0:  # text ends with a newline: no empty trailing line
             break
-        lines = para_items(_expand(text[start:end], start), style.font, size, line_px, width, start)
+        para = _expand(text[start:end], start)
+        lines = para_items(para, style.font, size, line_px, width, start, rtl=bases(para.text))
         lines[0].page_break = page_break
         items += lines
         page_break = m.group() == "\f"
@@ -603,6 +659,7 @@ def layout_markdown(md: str, style: PageStyle) -> list[Item]:
         o += len(line) + 1
     items: list[Item] = []
     prev_kind, blank = None, False
+    bases = Bases(style.direction)
     i, n = 0, len(lines)
     if n and lines[-1] == "":
         n -= 1  # trailing newline: no empty last line
@@ -638,6 +695,7 @@ def layout_markdown(md: str, style: PageStyle) -> list[Item]:
                     offs[k],
                     x0=pad,
                     pre_ops=(shade,),
+                    rtl=False,  # code stays left to right, whatever the document's direction
                 )
             end_at = offs[j] if j < n else len(md)
             items.append(Item(end_at, pad, [(RECT, 0, 0, width - 1, pad - 1, "shade", None)]))
@@ -650,7 +708,7 @@ def layout_markdown(md: str, style: PageStyle) -> list[Item]:
             hline = round(hsize * style.line_height)
             gap(line_px if items else 0, start)
             para = _inline([(body, start + m.end())], bold, "mono-bold")
-            hitems = para_items(para, bold, hsize, hline, width, start)
+            hitems = para_items(para, bold, hsize, hline, width, start, rtl=bases(para.text))
             hitems[-1].keep_with_next = True
             items += hitems
             i += 1
@@ -668,7 +726,7 @@ def layout_markdown(md: str, style: PageStyle) -> list[Item]:
                 rows.append((_split_row(lines[j].rstrip("\r"), offs[j]), offs[j]))
                 j += 1
             gap(gap_px, start)
-            items += _table_items(rows, fam, bold, mono, size, line_px, width, pad)
+            items += _table_items(rows, fam, bold, mono, size, line_px, width, pad, bases)
             i = j
         elif (m := _LIST.match(line)) or (q := _QUOTE.match(line)):
             kind = "list" if m else "quote"
@@ -685,17 +743,37 @@ def layout_markdown(md: str, style: PageStyle) -> list[Item]:
             para = _inline([p for p in pieces if p[0]] or [("", start)], fam, mono)
             if kind != prev_kind or blank:
                 gap(gap_px, start)
+            rtl = bases(para.text)  # right to left: bar, marker and indent on the right
             if kind == "quote":
-                bar = (RECT, 0, 0, max(1, size // 6) - 1, line_px - 1, "rule", None)
-                items += para_items(para, fam, size, line_px, width, start, size, (bar,))
+                bar_w = max(1, size // 6)
+                if rtl:
+                    bar = (RECT, width - bar_w, 0, width - 1, line_px - 1, "rule", None)
+                    items += para_items(
+                        para, fam, size, line_px, width - size, start, 0, (bar,), (), True
+                    )
+                else:
+                    bar = (RECT, 0, 0, bar_w - 1, line_px - 1, "rule", None)
+                    items += para_items(para, fam, size, line_px, width, start, size, (bar,))
             else:
                 level = min(len(m.group(1).expandtabs(4)) // 2, 5)
                 marker = _BULLETS[level % 3] if m.group(2) in "-*+" else m.group(2)
                 indent = round(size * 1.5) * (level + 1)
                 mface = face(fam, size)
-                mx = indent - mface.measure(marker) - mface.space
-                mop = (TEXT, int(mx + 0.5), baseline(fam, size, line_px), mface, marker)
-                items += para_items(para, fam, size, line_px, width, start, indent, (), (mop,))
+                mbase = baseline(fam, size, line_px)
+                if rtl:  # "1." reads ".1" from the left, "1)" reads "(1"
+                    mx = width - indent + mface.space
+                    mops = line_ops(
+                        marker, [mface] * len(marker), mface, 0, len(marker), mx, 0.0, mbase, True
+                    )  # right-aligned at mx: shift it to start there
+                    shift = int(mx + 0.5) - mops[0][1]
+                    mops = [(op[0], op[1] + shift, *op[2:]) for op in mops]
+                    items += para_items(
+                        para, fam, size, line_px, width - indent, start, 0, (), tuple(mops), True
+                    )
+                else:
+                    mx = indent - mface.measure(marker) - mface.space
+                    mop = (TEXT, int(mx + 0.5), mbase, mface, marker)
+                    items += para_items(para, fam, size, line_px, width, start, indent, (), (mop,))
             i = j
         else:
             pieces = [_piece(line, start)]
@@ -704,14 +782,21 @@ def layout_markdown(md: str, style: PageStyle) -> list[Item]:
                 pieces.append(_piece(lines[j], offs[j]))
                 j += 1
             gap(gap_px, start)
-            items += para_items(_inline(pieces, fam, mono), fam, size, line_px, width, start)
+            para = _inline(pieces, fam, mono)
+            items += para_items(para, fam, size, line_px, width, start, rtl=bases(para.text))
             i = j
         prev_kind, blank = kind, False
     return items
 
 
-def _table_items(rows, fam, bold, mono, size, line_px, width, pad) -> list[Item]:
-    """Pipe-table rows -> one item per row (header bold), drawn as a grid of cells."""
+def _table_items(rows, fam, bold, mono, size, line_px, width, pad, bases=None) -> list[Item]:
+    """Pipe-table rows -> one item per row (header bold), drawn as a grid of cells.
+
+    The table's base direction is its first strong character's (``Bases``, all cells in reading
+    order); a right-to-left table runs its columns from the right edge leftwards. Each cell's text
+    takes its own direction (``Bases.inner``), the table's when it has no strong character.
+    """
+    bases = bases or Bases()
     ncol = max(len(cells) for cells, _ in rows)
     paras = []
     for r, (cells, _) in enumerate(rows):
@@ -731,6 +816,9 @@ def _table_items(rows, fam, bold, mono, size, line_px, width, pad) -> list[Item]
     xs = [0]
     for w in widths:
         xs.append(xs[-1] + w)
+    table_rtl = bases(" ".join(para.text for row in paras for para, _ in row))
+    if table_rtl:  # column c spans [xs[c], xs[c + 1]] from the right edge
+        xs = [width - 1 - x for x in xs]
     base = baseline(fam, size, line_px)
     items = []
     for row, (_, row_start) in zip(paras, rows):
@@ -738,17 +826,20 @@ def _table_items(rows, fam, bold, mono, size, line_px, width, pad) -> list[Item]
         for c, (para, family) in enumerate(row):
             prim = face(family, size)
             faces = faces_for(para, family, size)
-            rtl = faces is not None and _is_rtl(para.text)
+            rtl = bases.inner(para.text, table_rtl)
+            if rtl and faces is None:
+                faces = [prim] * len(para.text)
             inner = max(1, widths[c] - 2 * pad)
             spans = wrap(para.text, faces, prim, inner)
             cell_lines.append((para, faces, prim, rtl, inner, spans))
         height = max(len(cl[5]) for cl in cell_lines) * line_px + 2 * pad
         ops = []
         for c, (para, faces, prim, rtl, inner, spans) in enumerate(cell_lines):
-            ops.append((RECT, xs[c], 0, xs[c + 1], height, None, "fg"))
+            x0, x1 = min(xs[c], xs[c + 1]), max(xs[c], xs[c + 1])
+            ops.append((RECT, x0, 0, x1, height, None, "fg"))
             for k, (s, e) in enumerate(spans):
                 y = pad + k * line_px + base
-                ops += line_ops(para.text, faces, prim, s, e, xs[c] + pad, inner, y, rtl)
+                ops += line_ops(para.text, faces, prim, s, e, x0 + pad, inner, y, rtl)
         items.append(Item(row_start, height, ops))
     return items
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dsocr.render.fonts import FAMILIES
 from dsocr.render.layout import (
+    DIRECTIONS,
     RECT,
     TEXT,
     Item,
@@ -52,10 +53,16 @@ class PageStyle:
     background: int = 255  # grey level 0..255
     foreground: int = 0  # grey level of the text 0..255
     dpi: int = 96  # only used for the default page size
+    # Base direction of each paragraph, heading, list item, quote and table: "auto" from its
+    # first strong character (UAX #9 P2-P3; none: the block before's), or forced "ltr" / "rtl".
+    # Right-to-left blocks are mirrored (see layout.py); code blocks always stay left to right.
+    direction: str = "auto"
 
     def __post_init__(self):
         if self.font not in FAMILIES:
             raise ValueError(f"font must be one of {FAMILIES}, got {self.font!r}")
+        if not isinstance(self.direction, str) or self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         lowest = dict(width=1, height=1, columns=1, margin=0, column_gap=0, background=0)
         for name, low in {**lowest, "foreground": 0}.items():
             v = getattr(self, name)
@@ -115,6 +122,7 @@ def render_text(text: str, style: PageStyle | None = None) -> list[Page]:
     """Render plain text onto as many pages as it needs.
 
     Every "\\n" ends a line; lines are word-wrapped to the column width; "\\f" starts a new page.
+    Each line is right-aligned when its base direction is right to left (PageStyle.direction).
     "".join(p.text for p in pages) == text. Raises ValueError for a character no shipped font
     has (see fonts.missing_chars to filter beforehand).
     """
@@ -126,7 +134,9 @@ def render_markdown(md: str, style: PageStyle | None = None) -> list[Page]:
     """Render light Markdown (headings, lists, code blocks, pipe tables, quotes, paragraphs).
 
     page.text is the Markdown source of what is on the page: "".join(page texts) == md. A block
-    taller than the space left is split between lines (a table between rows).
+    taller than the space left is split between lines (a table between rows). Right-to-left
+    blocks (Arabic, Hebrew; see PageStyle.direction) are mirrored: right-aligned, list markers
+    and quote bars on the right, table columns from the right; code blocks stay left to right.
     """
     style = style or PageStyle()
     return _render(md, layout_markdown(md, style), style)
@@ -139,7 +149,8 @@ def glyph_centers(
     x at the middle of its advance and y about half an x-height above the baseline.
 
     For training targets (which vision token holds which characters). Characters of a shaped run
-    (Arabic, Devanagari) all get the run's centre.
+    (Arabic, Devanagari) all get the run's centre. Right-to-left lines report where their runs
+    are drawn (right-aligned, in visual order), and their source characters, unmirrored.
     """
     style = style or PageStyle()
     pages, _ = paginate(layout_text(text, style), style.columns, style.column_height)
