@@ -228,10 +228,11 @@ def load_model(
 ) -> OCR:
     """Load a checkpoint folder, a bundled model (default: dsocr-mini) or a random-weight variant.
 
-    ``dtype=None`` picks float32 on CPU and bfloat16 on GPUs. A folder needs ``tokenizer.json``;
-    a random-weight variant (and, with a warning, a folder of a model under 1,000 ids) gets a
-    byte tokenizer. The tokenizer must fit the model: every id, ``<image>`` and EOS included,
-    inside its vocabulary, else a ValueError naming tokenizer.json.
+    ``dtype=None`` picks float32 on CPU and bfloat16 on GPUs with native bf16
+    (:func:`dsocr.weights.default_dtype`). A folder needs ``tokenizer.json``; a random-weight
+    variant (and, with a warning, a folder of a model under 1,000 ids) gets a byte tokenizer.
+    The tokenizer must fit the model: every id, ``<image>`` and EOS included, inside its
+    vocabulary, else a ValueError naming tokenizer.json.
     """
     device = check_device(device)
     resolved = resolve_model_source(source)

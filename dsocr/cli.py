@@ -490,7 +490,7 @@ def _add_device_args(parser, dtype: bool = True) -> None:
             "--dtype",
             default=None,
             choices=["float32", "bfloat16", "float16"],
-            help="default: float32 on CPU, bfloat16 on GPU",
+            help="default: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float32",
         )
 
 

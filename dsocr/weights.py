@@ -183,6 +183,20 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where:
         )
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a model runs in unless told: bfloat16 on a CUDA GPU with native bf16 (compute
+    capability 8.0 and up, as the official inference), float32 everywhere else: this project's
+    CPUs have no bf16 units (a bf16 matmul is about 100x slower than fp32), and on older GPUs
+    (T4, V100) bf16 is emulated and float16 can overflow the decoder's activations."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return torch.float32
+    if torch.version.hip:  # ROCm: capability numbers mean something else
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(False) else torch.float32
+    native = torch.cuda.get_device_capability(dev) >= (8, 0)
+    return torch.bfloat16 if native else torch.float32
+
+
 def load_checkpoint(
     source: str | Path | DeepseekOCRConfig,
     device: str | torch.device = "cpu",
@@ -190,11 +204,10 @@ def load_checkpoint(
 ) -> DeepseekOCRForCausalLM:
     """A model from a checkpoint folder (strict), or random weights for a config / variant name.
 
-    ``dtype=None`` keeps float32 on CPU (this project's CPUs have no bf16 units) and uses bfloat16
-    on CUDA.
+    ``dtype=None``: :func:`default_dtype` (float32 on CPU, bfloat16 on GPUs that have it).
     """
     if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = default_dtype(device)
     if isinstance(source, DeepseekOCRConfig):
         return build_model(source, device=device, dtype=dtype).eval()
     folder = Path(source)

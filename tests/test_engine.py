@@ -450,9 +450,19 @@ def test_kv_cache_rows_and_move():
     assert cache.k[0, 0, 0, 2].tolist() == [5.0, 5.0]
 
 
-def test_default_dtype():
+def test_default_dtype(monkeypatch):
+    """float32 on CPU; on CUDA bfloat16 only where the GPU has native bf16 (capability 8.0+)."""
     assert default_dtype("cpu") == torch.float32
-    assert default_dtype("cuda") == torch.bfloat16
+    caps = {0: (9, 0), 1: (7, 5)}  # an H100 and a T4
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda d=None: caps[torch.device(d).index or 0]
+    )
+    assert default_dtype("cuda") == default_dtype("cuda:0") == torch.bfloat16
+    assert default_dtype("cuda:1") == torch.float32
+    from dsocr import weights
+
+    assert weights.default_dtype is default_dtype  # the engine and loading choose alike
 
 
 @pytest.mark.slow

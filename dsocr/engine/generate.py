@@ -47,14 +47,10 @@ from dsocr.engine.sampling import (
 )
 from dsocr.language import fewrow
 from dsocr.language.decoder import decode_threads
+from dsocr.weights import default_dtype  # float32 on CPU, bfloat16 on GPUs with native bf16
 
 # "abort": the request was aborted (``Engine.abort`` / ``reset``) while ``Engine.generate`` ran it.
 FINISH_REASONS = ("eos", "length", "stop", "loop", "abort")
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """float32 on CPU (fast kernels, exact tests), bfloat16 on CUDA (as the official inference)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +207,12 @@ class _Sequence:
     """Engine-side state of one admitted request (slot, position, generated ids, stopping)."""
 
     def __init__(self, req: Request, request_id, t_add: float, tokenizer, device, loop_exempt):
-        self.req, self.request_id, self.params, self.t_add = req, request_id, req.params, t_add
+        # Not the Request itself: its images are only needed until the prefill, after which
+        # ``_prefill`` drops them (a long decode must not pin a batch of page tensors).
+        self.request_id, self.params, self.t_add = request_id, req.params, t_add
+        self.prompt_ids = req.prompt_ids
+        self.num_prompt_tokens = len(req.prompt_ids)
+        self.images = req.images
         self.image_embeds = req.image_embeds  # filled at admission when only images are given
         params = req.params
         self.generated: list[int] = []
@@ -489,7 +490,7 @@ class Engine:
         batch: list[_Sequence] = []
         longest = 0
         while self.waiting and len(batch) < free:
-            n = len(self.waiting[0].req.prompt_ids)
+            n = self.waiting[0].num_prompt_tokens
             padded = max(longest, n) * (len(batch) + 1)
             if batch and padded > self.max_prefill_tokens:
                 break
@@ -512,13 +513,13 @@ class Engine:
 
     def _image_embeds(self, batch: list[_Sequence]) -> torch.Tensor | None:
         """Concatenated image rows of the batch, in row order; encodes raw images once."""
-        to_encode = [im for s in batch if s.image_embeds is None for im in (s.req.images or [])]
+        to_encode = [im for s in batch if s.image_embeds is None for im in (s.images or [])]
         if to_encode:
             t0 = time.perf_counter()
             encoded = iter(self.model.encode_images(to_encode))
             for s in batch:
-                if s.image_embeds is None and s.req.images:
-                    s.image_embeds = [next(encoded) for _ in s.req.images]
+                if s.image_embeds is None and s.images:
+                    s.image_embeds = [next(encoded) for _ in s.images]
             self.stats.vision_s += time.perf_counter() - t0
         parts = []
         for s in batch:
@@ -544,14 +545,14 @@ class Engine:
     def _prefill(self, batch: list[_Sequence], events: list[StreamEvent]) -> None:
         t0 = time.perf_counter()
         device = self.model.device
-        lens = [len(s.req.prompt_ids) for s in batch]
+        lens = [s.num_prompt_tokens for s in batch]
         T = max(lens)
         self._ensure_cache(max(n + s.max_new - 1 for n, s in zip(lens, batch)))
         img = self._image_embeds(batch)
         t1 = time.perf_counter()
         ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
         for i, s in enumerate(batch):
-            ids[i, : lens[i]] = torch.as_tensor(list(s.req.prompt_ids), dtype=torch.long)
+            ids[i, : lens[i]] = torch.as_tensor(list(s.prompt_ids), dtype=torch.long)
         ids = ids.to(device)
         # Pads sit at positions lens[i].. past their row's real tokens (see the module docstring).
         positions = torch.arange(T, device=device).expand(len(batch), T)
@@ -562,6 +563,8 @@ class Engine:
             logits = self.model(ids, positions, rows, img, logits_at=last)  # (b, V)
         for i, s in enumerate(batch):
             s.slot, s.pos, s.t_admit = start + i, lens[i], t0
+            # Their K/V are in the cache now: the prompt's images and embeddings are not needed.
+            s.prompt_ids = s.images = s.image_embeds = None
             self.active.append(s)
         tokens = self._select(logits, batch)
         t2 = time.perf_counter()
@@ -680,7 +683,7 @@ class Engine:
             token_ids=list(s.generated),
             text=text,
             finish_reason=s.finish_reason,
-            num_prompt_tokens=len(s.req.prompt_ids),
+            num_prompt_tokens=s.num_prompt_tokens,
             num_generated_tokens=len(s.generated),
             queue_s=s.t_admit - s.t_add,
             prefill_s=s.prefill_s,

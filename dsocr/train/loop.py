@@ -2,8 +2,9 @@
 
 After nanochat's base_train (one config dataclass, a thin ``main(argv)``) and the DeepSeek-OCR
 recipe (paper §3.5): AdamW with linear warmup then cosine decay, gradient clipping, bfloat16
-autocast on GPU (float32 on CPU, which has no bf16 units here), and optional freezing of SAM and the
-16x compressor (the paper's stage 2 treats them as a frozen "vision tokenizer").
+autocast on GPUs with native bf16 (float32 on CPU, which has no bf16 units here, and on older GPUs),
+and optional freezing of SAM and the 16x compressor (the paper's stage 2 treats them as a frozen
+"vision tokenizer").
 
 Checkpoints use the official folder layout (``dsocr.weights.save_checkpoint``) plus ``meta.json``
 (config, tokenizer hash, data recipe, step, git commit) and ``trainer.pt`` (optimizer state), written
@@ -60,7 +61,13 @@ from dsocr.train.data import (
     recipe_pdf_pages,
     sample_seed,
 )
-from dsocr.weights import CheckpointError, checkpoint_files, load_checkpoint, save_checkpoint
+from dsocr.weights import (
+    CheckpointError,
+    checkpoint_files,
+    default_dtype,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class ConfigError(ValueError):
@@ -774,7 +781,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     step_fn = LossModule(model, cfg.char_loss, blank[0] if len(blank) == 1 else tok.pad_id)
     if world > 1:  # unrouted experts and CLIP's unused patch conv get no gradient some steps
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=True)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else None
+    # bfloat16 autocast on GPUs with native bf16; float32 on CPU and on older GPUs (T4, V100)
+    bf16 = device.startswith("cuda") and default_dtype(device) == torch.bfloat16
+    autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else None
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     if rank == 0 and resume:
