@@ -41,9 +41,12 @@ the batch carries on, and ``BatchSummary.exit_code`` is 1.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -97,6 +100,8 @@ TASKS = ("markdown", "ocr", "free", "figure", "describe", "locate")
 LAYOUT_PREVIEWS = ("pdf", "none")
 FLAGS = (FLAG_TRUNCATED, FLAG_LOOP, FLAG_EMPTY, FLAG_UNGROUNDED)  # page flags, in JSON order
 OUTPUT_VERSION = 1  # bump when the files written for the same inputs change (redoes documents)
+# Pages between two ``release_free_memory()`` calls in a batch (and one at its end); see there.
+TRIM_EVERY_PAGES = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,6 +753,44 @@ class _Stopped(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already uses
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (and malloc_trim)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Give memory that glibc's malloc keeps after it was freed back to the OS (``malloc_trim(0)``);
+    False, doing nothing, where the C library is not glibc.
+
+    Why: a page's transient buffers (the rendered page, its views) are allocated in the producer
+    thread's malloc arena and freed later, between longer-lived small blocks (likely PDFium's
+    per-document objects: the arena shrinks when the PDF is closed). glibc reuses too little of
+    that freed memory and only returns a heap's free top, so a long PDF's RSS grew by ~0.8 MB per
+    page with the live heap flat (that arena's in-use bytes constant, its free bytes growing;
+    jemalloc's RSS flat on the same run). ``malloc_trim(0)`` returns the free pages inside every
+    arena; measured ~20 ms per call every ``TRIM_EVERY_PAGES`` pages, under 1% of a fast run.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # The converter
 
 
@@ -998,6 +1041,7 @@ class Converter:
             pending, self._produce, self.options.prefetch or self.options.batch_size
         )
         interrupted = False
+        untrimmed = 0  # pages since the last release_free_memory()
         stream = generate(prefetch, cancel)
         try:
             prefetch.start()
@@ -1011,6 +1055,10 @@ class Converter:
                     except Exception as e:  # noqa: BLE001
                         finish(doc, "failed", e)
                         continue
+                    untrimmed += 1
+                    if untrimmed >= TRIM_EVERY_PAGES:
+                        release_free_memory()
+                        untrimmed = 0
                     if on_page is not None:
                         on_page(doc, page)
                 elif isinstance(item, DocEnd):
@@ -1032,6 +1080,8 @@ class Converter:
         finally:
             stream.close()  # forgets requests left in the engine
             prefetch.close()
+            if untrimmed:
+                release_free_memory()  # a server runs batch after batch in one process
             wall = time.perf_counter() - wall0
             self.last_summary = BatchSummary.from_documents(docs, wall, interrupted)
             if self.workspace is not None:
