@@ -85,10 +85,16 @@ class _Progress:
     """Documents done of the batch on stderr: a tqdm bar with pages and pages/s on a terminal,
     and each document's line prefixed with its count (the only output when not a terminal)."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.pages, self.t0 = total, 0, 0, time.perf_counter()
+    def __init__(self, total: int | None = None):
+        self.total, self.done, self.pages, self.t0 = 0, 0, 0, time.perf_counter()
         self.bar = None
-        if sys.stderr.isatty():
+        if total is not None:
+            self.start(total)
+
+    def start(self, total: int) -> None:
+        """The batch holds ``total`` documents (convert's ``on_start``): show the bar."""
+        self.total, self.t0 = total, time.perf_counter()
+        if sys.stderr.isatty() and self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="doc", file=sys.stderr, dynamic_ncols=True)
@@ -121,7 +127,7 @@ def cmd_convert(args) -> int:
     from dsocr.pipeline.workspace import BatchSummary, OutputError
     from dsocr.vllm_backend import BackendUnavailable
 
-    progress = _Progress(_count_documents(args.inputs, args.out))
+    progress = _Progress()  # sized by convert's plan (on_start); Ray's by _count_documents
 
     def report(doc):
         if doc.status == "failed":
@@ -160,6 +166,7 @@ def cmd_convert(args) -> int:
                 raise BackendUnavailable("--ray runs the dsocr backend; drop --backend vllm")
             from dsocr.distributed import convert_ray
 
+            progress.start(_count_documents(args.inputs, args.out))
             docs = convert_ray(
                 args.inputs,
                 args.out,
@@ -179,6 +186,7 @@ def cmd_convert(args) -> int:
                 backend=args.backend,
                 on_document=report,
                 on_page=progress.page,
+                on_start=lambda planned: progress.start(len(planned)),
                 **options,
             )
     except (BackendUnavailable, RayUnavailable) as e:

@@ -226,7 +226,19 @@ def test_convert_counts_documents_and_shows_a_bar_on_a_terminal(tmp_path, capsys
     (tmp_path / "in" / "empty.png").write_bytes(b"")
     argv = ["convert", str(tmp_path / "in"), str(tmp_path / "gone.png"), "-o", str(tmp_path / "o")]
     argv += ["--model", "tiny", "--device", "cpu", "--mode", "tiny", "--max-new-tokens", "2"]
+    import dsocr.pipeline.providers as providers
+
+    walks = []
+    real_discover = providers.discover_inputs
+
+    def discover(*a, **k):
+        walks.append(a)
+        return real_discover(*a, **k)
+
+    monkeypatch.setattr(providers, "discover_inputs", discover)
+    monkeypatch.setattr("dsocr.pipeline.convert.discover_inputs", discover)
     assert main(argv) == 1
+    assert len(walks) == 2  # each input expanded once: the count comes from convert's plan
     err = capsys.readouterr().err.splitlines()
     counted = [line for line in err if line.startswith("[")]
     marks = [line.split("]")[0] for line in counted]  # "[k/4": errors count, unmarked

@@ -981,11 +981,14 @@ class Converter:
         on_document: Callable[[Document], None] | None = None,
         on_page: Callable[[Document, PageResult], None] | None = None,
         cancel: threading.Event | None = None,
+        on_start: Callable[[list[Document]], None] | None = None,
     ) -> list[Document]:
         """Convert a batch; returns one Document per input file, in input order.
 
-        ``on_document(doc)`` is called as each document is converted, skipped or failed, and
-        ``on_page(doc, page)`` as each page is decoded (progress for long PDFs). Setting
+        ``on_start(docs)`` is called once with the planned documents (inputs expanded, failed
+        ones included) before any work, so a caller can size a progress bar without expanding
+        the inputs itself; ``on_document(doc)`` as each document is converted, skipped or
+        failed, and ``on_page(doc, page)`` as each page is decoded (long PDFs). Setting
         ``cancel`` stops the run between engine steps with ``Cancelled`` (handled as Ctrl-C). The
         run's
         ``BatchSummary`` is in ``self.last_summary`` (and ``OUT/.dsocr/summary.json``). Ctrl-C
@@ -995,6 +998,8 @@ class Converter:
         _, _, generate, postprocess, write = self.stages
         t_start, wall0 = time.time(), time.perf_counter()
         docs = self.documents(inputs)
+        if on_start is not None:
+            on_start(list(docs))
         by_stem = {d.stem: d for d in docs}
         expected: dict[str, int] = {}
         results: dict[str, dict[int, PageResult]] = {d.stem: {} for d in docs}
@@ -1115,6 +1120,7 @@ def convert(
     on_document: Callable[[Document], None] | None = None,
     on_page: Callable[[Document, PageResult], None] | None = None,
     cancel: threading.Event | None = None,
+    on_start: Callable[[list[Document]], None] | None = None,
     **options,
 ) -> Document | list[Document]:
     """Convert files, folders and globs; one path to one file returns its Document.
@@ -1129,7 +1135,8 @@ def convert(
     the model is loaded. Summarise with ``BatchSummary.from_documents(docs)``. ``backend="vllm"``
     decodes with vLLM (official checkpoint, CUDA GPU, Gundam mode; see ``dsocr.vllm_backend``).
     Setting ``cancel`` (a ``threading.Event``) from another thread stops the run with
-    ``Cancelled`` before the next engine step.
+    ``Cancelled`` before the next engine step. ``on_start``, ``on_document`` and ``on_page``:
+    see :meth:`Converter.convert`.
     """
     from dsocr.api import check_device, model_defaults
 
@@ -1155,7 +1162,9 @@ def convert(
         converter = Converter(_load(ocr, device, dtype), opts, workspace)
     else:
         raise ValueError(f"unknown backend {backend!r}; known: dsocr, vllm")
-    docs = converter.convert(inputs, on_document=on_document, on_page=on_page, cancel=cancel)
+    docs = converter.convert(
+        inputs, on_document=on_document, on_page=on_page, cancel=cancel, on_start=on_start
+    )
     if not single:
         return docs
     (doc,) = docs
