@@ -51,6 +51,7 @@ from dsocr.configs import get_mode
 from dsocr.fileio import note_block, save_report
 from dsocr.language.tokenizer import PROMPTS, count_text_tokens
 from dsocr.render import fit_to_mode, missing_chars
+from dsocr.train.data import corpus_identity
 
 try:  # the Fox benchmark's own scorer (word sets), what Table 2 reports as "precision"
     from dsocr.eval.metrics import fox_scores
@@ -289,7 +290,8 @@ def render_markdown(res: dict) -> str:
         note_block("read-first"),
         "",
         f"- Model: `{res['model']}` ({res['config']}), device {res['device']}.",
-        f"- Text: English passages of `{res['corpus']}` (held-out documents), cut at line "
+        f"- Text: English passages of {res.get('corpus_identity', res['corpus'])} (held-out "
+        "documents), cut at line "
         "boundaries into buckets by DeepSeek-V3 token count; paper: Fox English pages.",
         "- Each passage is one square page at the largest font that fits (min 6 px), read with "
         "`<image>\\nFree OCR.`; greedy decoding, max new tokens "
@@ -381,6 +383,7 @@ def run(args, argv: list[str]) -> dict:
         "model": args.model,
         "config": ocr.model.config.name,
         "device": str(ocr.model.device),
+        "corpus_identity": corpus_identity(args.corpus, ROOT),
         "corpus": str(Path(args.corpus).relative_to(ROOT))
         if Path(args.corpus).resolve().is_relative_to(ROOT)
         else args.corpus,

@@ -33,6 +33,7 @@ from dsocr.eval.metrics import cer, fox_scores
 from dsocr.eval.run import header_lines, run_info
 from dsocr.fileio import note_block, save_report
 from dsocr.render import missing_chars
+from dsocr.train.data import corpus_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "config": ocr.model.config.name,
         "font_size": font,
+        "corpus_identity": corpus_identity(args.corpus, ROOT),
         "curve": curve,
         "recall": recall,
         "final": dataclasses.asdict(final) | {"ratio": final.ratio},
@@ -199,6 +201,7 @@ def render(res: dict, plot_note: str | None) -> str:
         *header_lines(res),
         f"- Model: `{res['model']}` (config `{res['config']}`); pages rendered at "
         f"{res['font_size']} px on the 640 px reference page, scaled per mode",
+        f"- Turns: passages of {res.get('corpus_identity', 'the held-out corpus')}",
         "",
         note_block("read-first"),
         "",

@@ -44,7 +44,13 @@ from dsocr.eval.metrics import cer, fox_scores  # noqa: E402
 from dsocr.eval.run import header_lines, run_info  # noqa: E402
 from dsocr.fileio import save_report  # noqa: E402
 from dsocr.language.tokenizer import PROMPTS, count_text_tokens  # noqa: E402
-from dsocr.train.data import DataRecipe, make_sample, recipe_docs, sample_seed  # noqa: E402
+from dsocr.train.data import (  # noqa: E402
+    DataRecipe,
+    corpus_identity,
+    make_sample,
+    recipe_docs,
+    sample_seed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_TOKENS = {"tiny": 64, "small": 100, "base": 256, "large": 400}  # the paper's budgets
@@ -209,6 +215,8 @@ def render(res: dict) -> str:
         "",
         f"Recipe: {res['heldout']['recipe']}. Decoded {res['heldout_pages']} pages per mode.",
         "",
+        f"Held-out text: {res.get('corpus_identity', 'not recorded')}.",
+        "",
         "| mode | V3 tokens | pages | ratio | precision | recall | CER | ended by EOS |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -301,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_step": step,
         "modes": args.modes,
         "heldout_pages": args.pages,
+        "corpus_identity": corpus_identity(args.corpus, ROOT),
     }
     res["heldout"] = heldout_pages(ocr, args)
     res["table2"] = table2(ocr, args)

@@ -127,3 +127,21 @@ def test_sources_option_keeps_only_the_named_sources(tmp_path, monkeypatch, caps
     assert "unknown nope" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["documents_by_source"]) == {"debian-faq"}
+
+
+def test_corpus_identity_names_the_heldout_file_its_digest_and_sources(tmp_path, monkeypatch):
+    import hashlib
+
+    from dsocr.train.data import corpus_identity
+
+    _fake_sources(tmp_path, monkeypatch)
+    out = tmp_path / "corpus"
+    build_corpus.build(out, min_chars=100, only=["fortunes", "bible-kjv"])
+    digest = hashlib.sha256((out / "heldout.jsonl").read_bytes()).hexdigest()[:12]
+    held = json.loads((out / "manifest.json").read_text())["documents"]["heldout"]
+    assert corpus_identity(out, tmp_path) == corpus_identity(out / "heldout.jsonl", tmp_path)
+    assert corpus_identity(out, tmp_path) == (
+        f"`corpus/heldout.jsonl` (sha256 {digest}, {held} documents; sources bible-kjv, fortunes)"
+    )
+    (out / "manifest.json").unlink()  # a bare file: its digest only
+    assert corpus_identity(out, tmp_path) == f"`corpus/heldout.jsonl` (sha256 {digest})"

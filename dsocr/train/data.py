@@ -134,6 +134,28 @@ def load_corpus(folder: str | None, split: str) -> tuple[dict, ...]:
     return rows
 
 
+def corpus_identity(path: str | Path, root: str | Path | None = None) -> str:
+    """One Markdown line naming the held-out text a report read: ``heldout.jsonl`` (``path`` is
+    it or its corpus folder), the first 12 hex digits of its sha256 and, from the corpus's
+    manifest.json when there is one, its documents and sources, so that reports made on
+    different corpora are told apart. The path is shown relative to ``root`` when under it."""
+    path = Path(path)
+    file = path / "heldout.jsonl" if path.is_dir() else path
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12] if file.is_file() else "missing"
+    shown = file
+    if root is not None and file.resolve().is_relative_to(Path(root).resolve()):
+        shown = file.resolve().relative_to(Path(root).resolve())
+    line = f"`{shown.as_posix()}` (sha256 {digest}"
+    try:
+        manifest = json.loads((file.parent / "manifest.json").read_text(encoding="utf-8"))
+        line += f", {manifest['documents']['heldout']} documents"
+        if manifest.get("sources_requested"):
+            line += f"; sources {', '.join(manifest['sources_requested'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return line + ")"
+
+
 @lru_cache(maxsize=8)
 def recipe_docs(folder: str | None, split: str, langs: tuple[str, ...] = ()) -> tuple[dict, ...]:
     """The corpus rows a recipe draws from: ``load_corpus`` filtered to ``langs`` (all if empty)."""
