@@ -8,6 +8,8 @@ tiny model end to end.
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 import threading
 import time
@@ -193,6 +195,8 @@ def test_grounded_output_becomes_markdown_json_crops_and_layout(ocr, tmp_path):
         page["timings"]
     )
     assert pdf_pages(folder / "report_layouts.pdf") == 1
+    title = "report_layouts".encode("utf-16-be")  # the stem, not the temporary file's name
+    assert b"/Title (\xfe\xff" + title + b")" in (folder / "report_layouts.pdf").read_bytes()
 
     # The JSON reads back into the same document.
     again = Document.from_json(meta)
@@ -723,3 +727,213 @@ def test_cli_prints_the_summary_when_interrupted(ocr, tmp_path, capsys, monkeypa
     assert code == 130
     assert "2 document(s): 1 converted, 0 skipped (already done), 0 failed; 1 page(s)" in err
     assert "interrupted: finished documents are kept" in err
+
+
+# --- pages spilled to the workspace while a document is decoded -------------------------------
+
+# What differs between two runs of the same conversion anyway: timings, the marker's finish time,
+# the summary's speed, and the layout PDF's dates (its title is the file's stem, not volatile).
+PDF_VOLATILE = re.compile(rb"/(?:CreationDate|ModDate) \((?:[^()\\]|\\.)*\)")
+VOLATILE_KEYS = ("timings", "finished_at", "wall_s", "pages_per_s")
+
+
+def untimed(obj):
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+    return [untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def comparable(folder: Path) -> dict[str, object]:
+    """Every file under ``folder`` by relative name: its bytes, less what differs run to run."""
+    out: dict[str, object] = {}
+    for rel in sorted(files_under(folder)):
+        data = (folder / rel).read_bytes()
+        if rel.endswith(".json"):
+            out[rel] = untimed(json.loads(data))
+        else:
+            out[rel] = PDF_VOLATILE.sub(b"", data) if rel.endswith(".pdf") else data
+    return out
+
+
+def spills(out: Path) -> list[Path]:
+    return sorted(p for p in (out / ".dsocr/tmp").iterdir() if "-spill." in p.name)
+
+
+def spill_inputs(tmp_path: Path) -> list[Path]:
+    return [pdf(tmp_path / "book.pdf", 5), png(tmp_path / "photo.png")]
+
+
+def test_spilled_pages_write_the_same_files_as_pages_kept_in_memory(ocr, tmp_path, monkeypatch):
+    inputs = spill_inputs(tmp_path)
+    monkeypatch.setattr(convert_mod, "SPILL_PAGES", False)
+    in_memory = []
+    Converter(ocr, opts(batch_size=2), tmp_path / "mem", engine=FakeEngine()).convert(
+        inputs, on_page=lambda d, p: in_memory.append(p.layout_jpeg is not None and p.image_data)
+    )
+    monkeypatch.setattr(convert_mod, "SPILL_PAGES", True)
+    spilled = []
+    docs = Converter(ocr, opts(batch_size=2), tmp_path / "spill", engine=FakeEngine()).convert(
+        inputs, on_page=lambda d, p: spilled.append(p.layout_file is not None and p.image_files)
+    )
+    assert [d.status for d in docs] == ["converted", "converted"]
+    assert len(in_memory) == len(spilled) == 6 and all(in_memory) and all(spilled)
+    mem, spill = comparable(tmp_path / "mem"), comparable(tmp_path / "spill")
+    assert "book/book_layouts.pdf" in spill and "book/images/4_0.jpg" in spill
+    assert "photo/images/0.jpg" in spill and ".dsocr/done/book.json" in spill
+    assert spill == mem  # same names, same bytes: Markdown, JSON, crops, layout PDF, markers
+    assert pdf_pages(tmp_path / "spill/book/book_layouts.pdf") == 5
+    assert spills(tmp_path / "spill") == []
+
+
+def test_spilled_crops_are_copied_where_they_cannot_be_linked(ocr, tmp_path, monkeypatch):
+    import dsocr.pipeline.output as output_mod
+
+    inputs = spill_inputs(tmp_path)
+    Converter(ocr, opts(), tmp_path / "linked", engine=FakeEngine()).convert(inputs)
+
+    tried = []
+
+    def no_links(src, dst):
+        tried.append(Path(src).name)
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(output_mod.os, "link", no_links)
+    docs = Converter(ocr, opts(), tmp_path / "copied", engine=FakeEngine()).convert(inputs)
+    assert [d.status for d in docs] == ["converted", "converted"]
+    assert sorted(tried) == ["0.jpg", "0_0.jpg", "1_0.jpg", "2_0.jpg", "3_0.jpg", "4_0.jpg"]
+    assert comparable(tmp_path / "copied") == comparable(tmp_path / "linked")
+    assert not [p for p in (tmp_path / "copied").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_pages_leave_memory_for_the_workspace_as_they_are_decoded(ocr, tmp_path):
+    src, out = pdf(tmp_path / "book.pdf", 5), tmp_path / "out"
+    seen: list = []
+    staged: list[int] = []
+
+    def on_page(doc, page):
+        seen.append(page)
+        for p in seen:  # this page and every earlier one: no bytes in memory
+            assert p.layout_jpeg is None and p.image_data == {}, p.index
+            assert p.layout_file.is_file() and all(f.is_file() for f in p.image_files.values())
+        (folder,) = spills(out)  # one spill folder for the document, under .dsocr/tmp
+        assert page.layout_file.parent.parent == folder
+        assert page.layout_file.read_bytes()[:2] == b"\xff\xd8"  # a JPEG
+        assert list(page.image_files) == page.image_names == [f"{page.index}_0"]
+        staged.append(len(list((folder / "layouts").iterdir())))
+
+    left_when_written = []
+    conv = Converter(ocr, opts(batch_size=1), out, engine=FakeEngine())
+    (doc,) = conv.convert(
+        [src], on_page=on_page, on_document=lambda d: left_when_written.append(spills(out))
+    )
+    assert doc.status == "converted" and staged == [1, 2, 3, 4, 5]
+    assert left_when_written == [[]]  # removed as soon as the document is written
+    assert spills(out) == [] and list((out / ".dsocr/tmp").iterdir()) == []
+    for page in doc.pages:  # written: the files are gone and nothing refers to them
+        assert page.layout_file is None and page.image_files == {} and page.image_data == {}
+    assert pdf_pages(out / "book/book_layouts.pdf") == 5
+    assert {f"images/{k}_0.jpg" for k in range(5)} <= files_under(out / "book")
+    assert json.loads((out / "book/book.json").read_text())["files"]["layouts"] == (
+        "book_layouts.pdf"
+    )
+
+
+def fail_on(monkeypatch, stem: str, index: int, error: BaseException, seen: list):
+    """Make the postprocessing of page ``index`` of ``stem`` raise ``error``, recording the spill
+    folders that exist at that moment in ``seen``."""
+    real = convert_mod.Postprocess.__call__
+
+    def postprocess(self, job):
+        if (job.doc.stem, job.page.index) == (stem, index):
+            out = job.doc.source.parent / "out"
+            seen.extend(sorted(f.name for f in (s / "layouts").iterdir()) for s in spills(out))
+            raise error
+        return real(self, job)
+
+    monkeypatch.setattr(convert_mod.Postprocess, "__call__", postprocess)
+
+
+def test_a_failure_in_the_middle_of_a_document_leaves_no_spill_and_a_rerun_finishes_it(
+    ocr, tmp_path, monkeypatch
+):
+    inputs, out = spill_inputs(tmp_path), tmp_path / "out"
+    Converter(ocr, opts(batch_size=1), tmp_path / "ref", engine=FakeEngine()).convert(inputs)
+
+    def nothing_partial():
+        assert not (out / "book").exists() and not (out / ".dsocr/done/book.json").exists()
+        assert list((out / ".dsocr/tmp").iterdir()) == []
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    # An error on page 3 fails that document (its first pages were spilled, and are removed at
+    # once, while the batch goes on).
+    seen: list = []
+    fail_on(monkeypatch, "book", 2, RuntimeError("boom"), seen)
+    reported = []
+
+    def on_document(doc):
+        reported.append((doc.stem, doc.status, [s.name.split(".")[-1] for s in spills(out)]))
+
+    conv = Converter(ocr, opts(batch_size=1), out, engine=FakeEngine())
+    docs = conv.convert(inputs, on_document=on_document)
+    assert [d.status for d in docs] == ["failed", "converted"] and "boom" in docs[0].error
+    assert seen == [["0.jpg", "1.jpg"]]
+    assert reported == [("book", "failed", []), ("photo", "converted", [])]
+    nothing_partial()
+    monkeypatch.undo()
+
+    # Ctrl-C on page 3, and Ctrl-C while the document is written: nothing of it stays.
+    seen = []
+    fail_on(monkeypatch, "book", 2, KeyboardInterrupt(), seen)
+    with pytest.raises(KeyboardInterrupt):
+        Converter(ocr, opts(batch_size=1), out, engine=FakeEngine()).convert(inputs)
+    assert seen == [["0.jpg", "1.jpg"]]
+    nothing_partial()
+    monkeypatch.undo()
+
+    def write_then_interrupt(doc, folder):
+        (folder / "book.md").write_text("half")
+        assert len(list(spills(out)[0].glob("layouts/*.jpg"))) == 5  # all pages wait there
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_mod, "write_document", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        Converter(ocr, opts(batch_size=1), out, engine=FakeEngine()).convert(inputs)
+    nothing_partial()
+    monkeypatch.undo()
+
+    # A crash (no cleanup at all) leaves the spill folder; the next run's workspace removes it.
+    seen = []
+    fail_on(monkeypatch, "book", 2, KeyboardInterrupt(), seen)
+    monkeypatch.setattr(convert_mod.WriteOutput, "discard", lambda self, doc: None)
+    monkeypatch.setattr(convert_mod.WriteOutput, "discard_all", lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+        Converter(ocr, opts(batch_size=1), out, engine=FakeEngine()).convert(inputs)
+    monkeypatch.undo()
+    (left,) = spills(out)
+    assert left.name.startswith(f"{os.getpid()}.{HOST_TAG}.")
+    dead = left.with_name("999999999." + left.name.split(".", 1)[1])  # as if its process died
+    left.rename(dead)
+    engine = FakeEngine()
+    docs = Converter(ocr, opts(batch_size=1), out, engine=engine).convert(inputs)
+    assert not dead.exists() and list((out / ".dsocr/tmp").iterdir()) == []
+    assert [d.status for d in docs] == ["converted", "skipped"]
+    assert engine.requests == [("book", k) for k in range(5)]
+    assert comparable(out / "book") == comparable(tmp_path / "ref/book")
+
+
+def test_without_an_output_folder_pages_keep_their_bytes(ocr, tmp_path, monkeypatch):
+    src = pdf(tmp_path / "book.pdf", 3)
+    monkeypatch.chdir(tmp_path)
+    held = []
+
+    def on_page(doc, page):
+        held.append(bool(page.layout_jpeg and page.image_data))
+        assert page.layout_file is None and page.image_files == {}
+
+    (doc,) = Converter(ocr, opts(), engine=FakeEngine()).convert([src], on_page=on_page)
+    assert doc.status == "converted" and held == [True] * 3
+    assert all(p.layout_jpeg[:2] == b"\xff\xd8" and p.image_data for p in doc.pages)
+    assert not list(tmp_path.rglob(".dsocr"))  # nothing was spilled anywhere
+    write_document(doc, tmp_path / "later")
+    Converter(ocr, opts(), tmp_path / "out", engine=FakeEngine()).convert([src])
+    assert comparable(tmp_path / "later") == comparable(tmp_path / "out/book")

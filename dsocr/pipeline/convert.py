@@ -28,6 +28,11 @@ Threads: RenderPages and Preprocess run in one producer thread that fills a boun
 overlaps generation. One thread is enough: PDFium is not thread-safe (providers serialises it
 with a lock). Postprocess and writing run on the main thread between engine steps.
 
+Memory: with an output folder, each page's figure crops and layout JPEG go to a spill folder in
+the workspace as soon as the page is post-processed (``WriteOutput.spill``), so a long document
+does not hold them all until it is written (a layout page is 0.1-0.4 MB at 144 dpi); without one
+they stay in memory (``PageResult.image_data`` / ``layout_jpeg``), as the Python API returns them.
+
 Page health: a page that ends without EOS (token limit), in a repetition loop (the engine's loop
 detector, or ``postprocess.is_repetition_loop`` on the text), empty, or without grounding tags
 under a grounding prompt keeps its text and carries flags in the JSON and the batch summary. No
@@ -46,6 +51,7 @@ import functools
 import hashlib
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -59,7 +65,13 @@ from dsocr.configs import Mode, get_mode
 from dsocr.engine.generate import Engine, GenerationParams, Request, Result
 from dsocr.engine.sampling import ngram_whitelist_for
 from dsocr.language.tokenizer import GROUNDING_TOKEN, IMAGE_TOKEN, PROMPTS, build_prompt_ids
-from dsocr.pipeline.output import LAYOUT_QUALITY, encode_jpeg, output_paths, write_document
+from dsocr.pipeline.output import (
+    LAYOUT_QUALITY,
+    encode_jpeg,
+    output_paths,
+    spill_page,
+    write_document,
+)
 from dsocr.pipeline.postprocess import (
     FLAG_EMPTY,
     FLAG_LOOP,
@@ -102,6 +114,9 @@ FLAGS = (FLAG_TRUNCATED, FLAG_LOOP, FLAG_EMPTY, FLAG_UNGROUNDED)  # page flags, 
 OUTPUT_VERSION = 1  # bump when the files written for the same inputs change (redoes documents)
 # Pages between two ``release_free_memory()`` calls in a batch (and one at its end); see there.
 TRIM_EVERY_PAGES = 32
+# With an output folder, pages' crops and layout JPEGs wait in a spill folder on disk, not in
+# memory, until their document is written (False: in memory, as without an output folder).
+SPILL_PAGES = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +247,9 @@ class TokenCounts:
 class PageResult:
     """One converted page. ``index`` is 0-based in the source; ``width``/``height`` are the page
     image's pixels (the pixel boxes refer to them). ``image_data`` / ``layout_jpeg`` hold the
-    figure crops and the annotated page until they are written (then they are dropped)."""
+    figure crops and the annotated page until they are written (then they are dropped); when
+    converting into an output folder they are spilled to files right away, which
+    ``image_files`` / ``layout_file`` name until the document is written."""
 
     index: int
     width: int
@@ -248,6 +265,13 @@ class PageResult:
     image_names: list[str] = field(default_factory=list)  # crops, "images/<name>.jpg"
     image_data: dict[str, bytes] = field(default_factory=dict, repr=False)
     layout_jpeg: bytes | None = field(default=None, repr=False)
+    image_files: dict[str, Path] = field(default_factory=dict, repr=False)  # spilled crops
+    layout_file: Path | None = field(default=None, repr=False)  # spilled layout JPEG
+
+    @property
+    def has_layout(self) -> bool:
+        """Does the page have a layout drawing waiting to be written (in memory or spilled)?"""
+        return self.layout_jpeg is not None or self.layout_file is not None
 
     def to_json(self) -> dict:
         return {
@@ -342,7 +366,7 @@ class Document:
             for k, v in asdict(p.tokens).items():
                 setattr(tokens, k, getattr(tokens, k) + v)
         names = output_paths(self.stem)
-        layouts = any(p.layout_jpeg is not None for p in self.pages) or (
+        layouts = any(p.has_layout for p in self.pages) or (
             self.folder is not None and (self.folder / names["layouts"]).is_file()
         )
         return {
@@ -652,21 +676,53 @@ class Postprocess:
 class WriteOutput:
     """doc -> doc written to ``OUT/<stem>/`` through the workspace (staged, atomic, marked done).
 
-    Drops the in-memory crops and layout pages afterwards. Raises OutputError naming the folder.
+    ``spill(doc, page)`` moves a post-processed page's crops and layout JPEG to the document's
+    spill folder (``Workspace.spill_folder``), where writing takes them from; ``discard(doc)``
+    removes that folder (done by writing, and by the converter when a document fails or the run
+    stops). Drops the crops and layout pages afterwards. Raises OutputError naming the folder.
     """
 
-    def __init__(self, workspace: Workspace, fingerprint: str):
+    def __init__(self, workspace: Workspace, fingerprint: str, spill: bool | None = None):
         self.workspace = workspace
         self.fingerprint = fingerprint
+        self.spill_pages = SPILL_PAGES if spill is None else spill
+        self._spills: dict[str, Path] = {}  # stem -> spill folder of a document not yet written
+
+    def spill(self, doc: Document, page: PageResult) -> None:
+        if not self.spill_pages or (not page.image_data and page.layout_jpeg is None):
+            return
+        folder = self._spills.get(doc.stem)
+        if folder is None:
+            folder = self._spills[doc.stem] = self.workspace.spill_folder(doc.stem)
+        try:
+            spill_page(page, folder)
+        except OSError as e:
+            where = getattr(e, "filename", None) or folder
+            reason = f"cannot stage page {page.index + 1}: {e.strerror or e} ({where})"
+            raise OutputError(self.workspace.folder(doc.stem), reason) from None
+
+    def discard(self, doc: Document) -> None:
+        """Remove ``doc``'s spill folder, if it has one."""
+        folder = self._spills.pop(doc.stem, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def discard_all(self) -> None:
+        for folder in self._spills.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._spills.clear()
 
     def __call__(self, doc: Document) -> Document:
         t0 = time.perf_counter()
         key = document_key(doc.sha256 or "", self.fingerprint)
-        doc.folder = self.workspace.commit(doc, key, write_document)
+        try:
+            doc.folder = self.workspace.commit(doc, key, write_document)
+        finally:
+            self.discard(doc)
         doc.timings["write_s"] = time.perf_counter() - t0
         for page in doc.pages:
-            page.image_data = {}
-            page.layout_jpeg = None
+            page.image_data, page.image_files = {}, {}
+            page.layout_jpeg = page.layout_file = None
         return doc
 
 
@@ -861,7 +917,8 @@ class Converter:
     """Holds the model, the options and the stage tuple; ``convert(paths)`` runs a batch.
 
     ``ocr`` is a loaded ``dsocr.api.OCR``. ``out_dir`` (a folder or a ``Workspace``) enables
-    writing and resuming; without it documents stay in memory (with their crops and layout
+    writing and resuming (pages' crops and layout pages wait in a spill folder there until their
+    document is written); without it documents stay in memory (with their crops and layout
     pages, ready for ``output.write_document``). ``engine`` replaces the default
     ``Engine(ocr.model, ocr.tokenizer, max_batch_size=options.batch_size)``.
     """
@@ -1018,6 +1075,8 @@ class Converter:
                 doc.status = status
             doc.timings["finished_at"] = time.time()
             results.pop(doc.stem, None)
+            if write is not None:
+                write.discard(doc)  # a failed document leaves no spilled pages
             if on_document is not None:
                 on_document(doc)
 
@@ -1057,6 +1116,8 @@ class Converter:
                 if isinstance(item, PageJob):
                     try:
                         page = results[doc.stem][item.page.index] = postprocess(item)
+                        if write is not None:
+                            write.spill(doc, page)  # its crops and layout wait on disk
                     except Exception as e:  # noqa: BLE001
                         finish(doc, "failed", e)
                         continue
@@ -1085,6 +1146,8 @@ class Converter:
         finally:
             stream.close()  # forgets requests left in the engine
             prefetch.close()
+            if write is not None:
+                write.discard_all()  # spilled pages of documents an interruption left unwritten
             if untrimmed:
                 release_free_memory()  # a server runs batch after batch in one process
             wall = time.perf_counter() - wall0

@@ -5,6 +5,7 @@ After olmocr's workspace (done flags, a rerun skips finished work) without its q
     OUT/<stem>/...                    a complete document folder (``output.py``)
     OUT/.dsocr/done/<stem>.json       its done marker: key, source, sha256, pages, flags
     OUT/.dsocr/tmp/<pid>.<host>.<r>.<stem>/  staging folder while a document is being written
+    OUT/.dsocr/tmp/<pid>.<host>.<r>-spill.<stem>/  its crops and layout pages while it is decoded
     OUT/.dsocr/summary.json           the last run's summary (``BatchSummary``)
 
 Contract:
@@ -18,6 +19,9 @@ Contract:
   new complete one, and only complete documents have markers; the staging folder is removed on
   any exception (``KeyboardInterrupt`` included), and stale staging folders of dead processes are
   removed when a workspace is opened.
+- While a document is being decoded, the converter keeps each page's figure crops and layout
+  JPEG in a spill folder (``spill_folder``), not in memory, and removes it when the document is
+  written or fails; it is named like a staging folder, so a crashed run's spill goes the same way.
 - Names come from ``providers.safe_stem`` / ``unique_stems``; ``folder()`` also checks that the
   result stays inside ``OUT`` (no path traversal). Stems never start with ``.``, so ``.dsocr``
   cannot collide with a document.
@@ -88,6 +92,12 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # exists but not ours, or the platform cannot tell: keep it
     return True
+
+
+def _tag() -> str:
+    """``<pid>.<host>.<random>``: the head of a staging or spill folder's name (clean_stale
+    reads the pid and host)."""
+    return f"{os.getpid()}.{HOST_TAG}.{secrets.token_hex(4)}"
 
 
 class Workspace:
@@ -184,7 +194,7 @@ class Workspace:
         if final.is_symlink() or (final.exists() and not final.is_dir()):
             raise OutputError(final, "exists and is not a folder; not replaced")
         marker = self.marker_path(doc.stem)
-        tag = f"{os.getpid()}.{HOST_TAG}.{secrets.token_hex(4)}"
+        tag = _tag()
         staging = self.tmp_dir / f"{tag}.{doc.stem}"  # pid and host first: clean_stale reads them
         old = self.tmp_dir / f"{tag}-old.{doc.stem}"  # clean_stale puts it back if we die
         old_marker: bytes | None = None
@@ -231,6 +241,18 @@ class Workspace:
             raise OutputError(marker.parent, f"cannot write done marker: {_why(e)}") from None
         return final
 
+    def spill_folder(self, stem: str) -> Path:
+        """A new empty folder ``.dsocr/tmp/<pid>.<host>.<r>-spill.<stem>`` where the pages of
+        document ``stem`` wait (crops, layout JPEGs) until it is written. The caller removes it;
+        ``clean_stale`` removes it once this process is gone. Raises :class:`OutputError`."""
+        final = self.folder(stem)  # same checks
+        path = self.tmp_dir / f"{_tag()}-spill.{stem}"
+        try:
+            path.mkdir()
+        except OSError as e:
+            raise OutputError(final, f"cannot stage pages: {_why(e)} ({path})") from None
+        return path
+
     def write_summary(self, summary: BatchSummary) -> Path:
         path = self.meta / SUMMARY_FILE
         try:
@@ -240,9 +262,9 @@ class Workspace:
         return path
 
     def clean_stale(self) -> None:
-        """Remove staging folders left by processes of this host that no longer run (crash,
-        kill -9). Another host's staging (a shared folder in a distributed run) is left alone:
-        its pid means nothing here."""
+        """Remove staging and spill folders left by processes of this host that no longer run
+        (crash, kill -9). Another host's (a shared folder in a distributed run) are left alone:
+        their pids mean nothing here."""
         for entry in self.tmp_dir.iterdir():
             head, _, rest = entry.name.partition(".")
             host = rest.split(".", 1)[0]
