@@ -609,6 +609,37 @@ def test_memory_rerenders_a_cache_entry_whose_index_lost_a_key(tmp_path, key):
     assert json.loads(index.read_text())["joiners"] is not None
 
 
+def test_memory_keeps_renders_cached_before_style_direction_existed(tmp_path):
+    """An index.json written before ``PageStyle.direction`` (no such key) still matches for text
+    without right-to-left letters (laid out exactly as now); an Arabic turn's render, laid out
+    unmirrored then, is redone."""
+    import warnings
+
+    mem = _memory(tmp_path)
+    _fill(mem, 3)
+    mem.add("user", "مرحبا بالعالم، هذه فقرة قصيرة باللغة العربية. " * 3)
+    mem.add("assistant", "ok")
+    mem.add("user", "ok")
+    before = [im.tobytes() for im, _ in mem.context().images()]
+    indexes = sorted((tmp_path / "mem" / "pages").rglob("index.json"))
+    assert len(indexes) == 4
+    for index in indexes:
+        d = json.loads(index.read_text())
+        del d["style"]["direction"]
+        index.write_text(json.dumps(d))
+    arabic = [i for i in indexes if i.parts[-3] == "t000003"]
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        back = OpticalMemory.load(tmp_path / "mem")
+    assert [str(w.message) for w in got] == [
+        f"{arabic[0].parent}: rendered with another style; deleted the cached render "
+        "(re-rendered when needed)"
+    ]
+    assert all(i.is_file() for i in indexes if i not in arabic)  # kept, not re-rendered
+    assert [im.tobytes() for im, _ in back.context().images()] == before
+    assert "direction" in json.loads(arabic[0].read_text())["style"]  # redone with today's style
+
+
 def test_prompt_inputs_escape_image_markers_in_the_question(tmp_path, ocr):
     mem = _memory(tmp_path, tokenizer=ocr.tokenizer)
     _fill(mem, 3)

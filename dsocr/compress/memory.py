@@ -59,6 +59,7 @@ import io
 import json
 import os
 import shutil
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,19 @@ def _config_kwargs(cfg: dict) -> dict:
         style=style_from_json(cfg["style"]),
         text_when_cheaper=cfg.get("text_when_cheaper", False),  # absent before it existed
     )
+
+
+def _stored_style(style: dict, text: str) -> dict:
+    """A cached render's style with the ``PageStyle`` fields added since filled in with what
+    renders did before them: ``direction`` "auto" lays out text without right-to-left letters
+    exactly as before, so such renders stay valid; one with RTL letters was laid out unmirrored
+    and does not match (re-rendered)."""
+    style = dict(style)
+    if "direction" not in style and not any(
+        unicodedata.bidirectional(ch) in ("R", "AL") for ch in text
+    ):
+        style["direction"] = "auto"
+    return style
 
 
 class OpticalMemory:
@@ -490,7 +504,7 @@ class OpticalMemory:
             return f"index.json names mode {mode.name}, not {mdir.name}"
         if text_sha != sha256_text(self.turns[turn].text):
             return f"rendered from other text than turn {turn}"
-        if style != dataclasses.asdict(self.style):
+        if _stored_style(style, self.turns[turn].text) != dataclasses.asdict(self.style):
             return "rendered with another style"
         for f, digest in zip(files, digests):
             p = mdir / f
