@@ -336,6 +336,7 @@ def cmd_compress(args) -> int:
             ("font_size", args.font_size),
             ("line_height", args.line_height),
             ("margin", args.margin),
+            ("direction", args.direction),
         )
         if v is not None
     }
@@ -634,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--line-height", type=float, default=None, help="x font size (default: 1.2)")
     c.add_argument(
         "--margin", type=int, default=None, help="px on every side (default: scaled to the page)"
+    )
+    c.add_argument(
+        "--direction",
+        default=None,
+        choices=["auto", "ltr", "rtl"],
+        help="block direction (default: auto, each block's first strong letter decides)",
     )
     c.add_argument(
         "--fit-one-page",

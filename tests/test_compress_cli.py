@@ -78,6 +78,18 @@ def test_cli_decompress_creates_the_output_folder(tmp_path, capsys, src, monkeyp
     assert "precision 1.0000" in err
 
 
+def test_cli_compress_direction_flag_mirrors_the_layout(tmp_path, capsys):
+    src = tmp_path / "ar.txt"
+    src.write_text("مرحبا بالعالم، هذه فقرة قصيرة.\n", encoding="utf-8")
+    pages = {}
+    for d in ("auto", "ltr", "rtl"):
+        assert _run(capsys, "compress", src, "-o", tmp_path / d, "--direction", d)[0] == 0
+        manifest = json.loads((tmp_path / d / "manifest.json").read_text())
+        assert manifest["style"]["direction"] == d
+        pages[d] = sorted((tmp_path / d).glob("*.png"))[0].read_bytes()
+    assert pages["auto"] == pages["rtl"] != pages["ltr"]  # Arabic is right-to-left by itself
+
+
 @pytest.mark.parametrize(
     "argv,reason",
     [
