@@ -343,6 +343,56 @@ def test_png_sbit_says_how_many_bits_are_significant(tmp_path):
     assert grey(png16(tmp_path / "dark.png", dark, sbit=16)) == [0, 15, 1]
 
 
+def png16_rgb(path: Path, a: np.ndarray, sbit: int | None = None) -> Path:
+    """A 16-bit RGB PNG written by hand (Pillow cannot write one), with an sBIT when given."""
+    h, w, _ = a.shape
+    raw = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    extra = png_chunk(b"sBIT", bytes([sbit] * 3)) if sbit is not None else b""
+    body = png_chunk(b"IHDR", ihdr) + extra + png_chunk(b"IDAT", zlib.compress(raw))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + png_chunk(b"IEND", b""))
+    return path
+
+
+def tiff16_rgb(path: Path, a: np.ndarray) -> Path:
+    """An uncompressed 16-bit RGB TIFF written by hand (BitsPerSample 16, 16, 16)."""
+    h, w, _ = a.shape
+    data = a.astype("<u2").tobytes()
+    n_tags = 10
+    bps_at = 8 + 2 + 12 * n_tags + 4
+    data_at = bps_at + 6
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, bps_at), (259, 3, 1, 1), (262, 3, 1, 2)]
+    tags += [(273, 4, 1, data_at), (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, len(data))]
+    tags += [(284, 3, 1, 1)]
+    ifd = struct.pack("<H", n_tags) + b"".join(struct.pack("<HHII", *t) for t in tags)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + bytes(4) + b"\x10\0" * 3 + data)
+    return path
+
+
+def test_12_bit_colour_in_16_bit_files_keeps_its_brightness(tmp_path):
+    """Pillow reads 16-bit colour as the samples' high bytes, so 12-bit data came out at most
+    15/255; it is stretched back (16 levels survive), per sBIT when the PNG has one."""
+    a = np.array([[[0, 0, 0], [4095, 4095, 4095], [2048, 1024, 4095]]])
+    want = [[0, 0, 0], [255, 255, 255], [136, 68, 255]]  # high byte 8 -> 8 * 255 // 15
+    assert np.asarray(Image.open(png16_rgb(tmp_path / "g.png", a))).tolist()[0][1] == [15] * 3
+    for name, path in [
+        ("png", png16_rgb(tmp_path / "c.png", a)),
+        ("sbit 12", png16_rgb(tmp_path / "s12.png", a, sbit=12)),
+        ("tiff", tiff16_rgb(tmp_path / "c.tif", a)),
+    ]:
+        assert np.asarray(next(iter_pages(path)).image).tolist()[0] == want, name
+    # sBIT 16 (a genuinely dark 16-bit image) and full-range colour stay as Pillow reads them
+    dark = next(iter_pages(png16_rgb(tmp_path / "d.png", a, sbit=16))).image
+    assert np.asarray(dark).tolist()[0][1] == [15, 15, 15]
+    full = a * 16
+    full[0, 1] = 65535
+    got = np.asarray(next(iter_pages(png16_rgb(tmp_path / "f.png", full))).image).tolist()[0]
+    assert got == [[0, 0, 0], [255, 255, 255], [128, 64, 255]]
+    # 8-bit colour is never stretched, however dark
+    Image.fromarray(np.full((2, 2, 3), 9, np.uint8)).save(tmp_path / "dark8.png")
+    assert np.asarray(next(iter_pages(tmp_path / "dark8.png")).image).max() == 9
+
+
 def test_full_range_16_bit_images_are_scaled_by_65535(tmp_path):
     a = np.array([[0, 257, 32896, 65535, 4095]])  # 257 * k -> k
     assert grey(png16(tmp_path / "full.png", a)) == [0, 1, 128, 255, 15]

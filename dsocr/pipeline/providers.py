@@ -27,8 +27,9 @@ Decisions:
   so a GIF's largest frame extent is read from its block structure (no decoding) and checked too.
 - Images with transparency are flattened onto white (the official code drops alpha, which turns
   transparent backgrounds black); 16-bit greyscale is scaled to 8 bits by its significant bits
-  (12-bit scanner and camera data in a 16-bit file included, see :func:`_to_rgb`), float images
-  in [0, 1] by 255. A camera MPO (a JPEG with preview frames) is one page; the frames of an
+  (12-bit scanner and camera data in a 16-bit file included, see :func:`_to_rgb`); 16-bit colour,
+  of which Pillow keeps the high bytes, is stretched when it holds fewer bits
+  (:func:`_stretch_high_bytes`); float images in [0, 1] by 255. A camera MPO (a JPEG with preview frames) is one page; the frames of an
   animated GIF or AVIF are pages, like a multi-page TIFF's (each as displayed: composed onto the
   frames before it, as the format's disposal says).
 - PDFium is not thread-safe: every call into it holds one module-level lock, so several threads
@@ -596,7 +597,10 @@ def _iter_image(path, fp, img, indices, frames, max_pixels) -> Iterator[PageImag
                         _check_pixels(path, img, max_pixels)
                     img.load()
                     bits = _declared_bits(path, img)  # before exif_transpose drops the tags
+                    colour_bits = _colour16_bits(path, img)
                     frame = ImageOps.exif_transpose(img) or img
+                    if colour_bits is not None:
+                        frame = _stretch_high_bytes(frame, colour_bits)
                     rgb = _to_rgb(frame, bits)
                     rgb.info.pop("exif", None)  # applied; later readers would warn again
                 except InputError:
@@ -647,6 +651,45 @@ def _declared_bits(path: Path, img: Image.Image) -> int | None:
         bps = bps[0] if isinstance(bps, tuple) and bps else bps
         return bps if isinstance(bps, int) and 1 <= bps < 16 else None
     return None
+
+
+def _colour16_bits(path: Path, img: Image.Image) -> int | None:
+    """For a 16-bit-per-sample colour PNG or TIFF, which Pillow reads as 8-bit RGB(A) keeping
+    each sample's high byte: the significant bits its file declares (a PNG's sBIT, largest
+    colour channel), 0 when it declares none; None for any other image."""
+    if img.mode not in ("RGB", "RGBA"):
+        return None
+    if img.format == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(26)
+        if len(head) < 26 or head[12:16] != b"IHDR" or head[24] != 16 or head[25] not in (2, 6):
+            return None
+        sbit = _png_sbit(path)
+        return max(sbit[:3]) if sbit and len(sbit) >= 3 else 0
+    if img.format == "TIFF":
+        bps = img.tag_v2.get(258)
+        bps = bps if isinstance(bps, tuple) else (bps,)
+        return 0 if bps and all(b == 16 for b in bps) else None
+    return None
+
+
+def _stretch_high_bytes(img: Image.Image, bits: int) -> Image.Image:
+    """Undo the darkness of fewer-than-16-bit colour samples of which Pillow kept the high byte:
+    ``bits`` 9-15 declared stretch 0..2**(bits-8)-1 to 0..255; 0 (none declared) stretches
+    0..15 when no colour sample is above 15 (12-bit data, the greyscale rule of
+    :func:`_to_rgb`); anything else leaves the image as it is. Only 16 grey levels survive a
+    12-bit sample's high byte: enough for text."""
+    a = np.asarray(img)
+    colour = a[..., :3]
+    if 8 < bits < 16:
+        top = 2 ** (bits - 8) - 1
+    elif bits == 0 and colour.max(initial=0) <= 15:
+        top = 15
+    else:
+        return img
+    out = a.copy()
+    out[..., :3] = np.clip(colour.astype(np.uint16) * 255 // top, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, img.mode)
 
 
 def _to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
