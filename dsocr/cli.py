@@ -499,7 +499,8 @@ def _add_device_args(parser, dtype: bool = True) -> None:
             "--dtype",
             default=None,
             choices=["float32", "bfloat16", "float16"],
-            help="default: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float32",
+            help="default: bfloat16 on GPUs with native bf16 (compute capability 8.0+), "
+            "else float32",
         )
 
 

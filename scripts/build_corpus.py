@@ -164,9 +164,8 @@ SOURCES = (
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _OVERSTRIKE = re.compile(r".\x08")  # nroff bold/underline: "X\bX", "_\bX"
 _RULE = re.compile(r"[-=*_~#+.\s]+")  # a line of rule characters (underlines, separators)
-_ITEM = re.compile(
-    r"(--|[*\u2022-]|\d+(\.\d+)*\.?|[a-z]\))\s"
-)  # "* x", "2.1 x", "3. x", "a) x", "-- author"
+# A line that starts a list item or an attribution: "* x", "2.1 x", "3. x", "a) x", "-- author"
+_ITEM = re.compile(r"(--|[*\u2022-]|\d+(\.\d+)*\.?|[a-z]\))\s")
 WRAPPED = 0.75
 _CJK = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uac00-\ud7af\uff00-\uffef]")
 

@@ -129,7 +129,8 @@ def test_no_cuda_only_calls_in_package():
     for f in PKG.rglob("*.py"):
         for n, line in enumerate(f.read_text().splitlines(), 1):
             if re.search(
-                r"\.cuda\(|torch\.cuda\.(?!is_available|set_device|device_count|get_device_name|get_device_capability|is_bf16_supported)|device=['\"]cuda",
+                r"\.cuda\(|torch\.cuda\.(?!is_available|set_device|device_count|get_device_name"
+                r"|get_device_capability|is_bf16_supported)|device=['\"]cuda",
                 line,
             ):
                 offenders.append(f"{f.name}:{n}: {line.strip()}")

@@ -1017,15 +1017,14 @@ def build_markdown_set(
     ``first_block`` (index of the page's first block) and ``structure`` (which of heading,
     list, table, code the page has). FileNotFoundError when none of the HTML is installed.
     """
+    roots = HTML_ROOTS if roots is None else roots
     docs, missing = [], []
     with open(corpus, encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
             r = json.loads(line)
-            if r.get("lang") != lang or r.get("source") not in (
-                HTML_ROOTS if roots is None else roots
-            ):
+            if r.get("lang") != lang or r.get("source") not in roots:
                 continue  # another language, or a plain-text source (no HTML to convert)
             path = doc_html_path(r["doc"], r["source"], roots)
             if not path.is_file():

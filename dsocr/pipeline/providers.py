@@ -29,9 +29,10 @@ Decisions:
   transparent backgrounds black); 16-bit greyscale is scaled to 8 bits by its significant bits
   (12-bit scanner and camera data in a 16-bit file included, see :func:`_to_rgb`); 16-bit colour,
   of which Pillow keeps the high bytes, is stretched when it holds fewer bits
-  (:func:`_stretch_high_bytes`); float images in [0, 1] by 255. A camera MPO (a JPEG with preview frames) is one page; the frames of an
-  animated GIF or AVIF are pages, like a multi-page TIFF's (each as displayed: composed onto the
-  frames before it, as the format's disposal says).
+  (:func:`_stretch_high_bytes`); float images in [0, 1] by 255. A camera MPO (a JPEG with
+  preview frames) is one page; the frames of an animated GIF or AVIF are pages, like a
+  multi-page TIFF's (each as displayed: composed onto the frames before it, as the format's
+  disposal says).
 - PDFium is not thread-safe: every call into it holds one module-level lock, so several threads
   may iterate different documents (rendering is then serialised).
 - Output names: :func:`safe_stem` never escapes the output directory; :func:`unique_stems`
@@ -98,9 +99,9 @@ class PageImage:
     """One page ready for the model.
 
     ``index`` is 0-based within the source file; ``page_count`` is the source's total page count
-    (frames for a multi-frame TIFF or an animated GIF). ``dpi`` is the render resolution for PDF pages, or the
-    resolution stored in an image file (None when absent). ``text_layer`` is a PDF page's own
-    text (PDFium text extraction), a coarse reference for checks; None for images.
+    (frames for a multi-frame TIFF or an animated GIF). ``dpi`` is the render resolution for PDF
+    pages, or the resolution stored in an image file (None when absent). ``text_layer`` is a PDF
+    page's own text (PDFium text extraction), a coarse reference for checks; None for images.
     """
 
     source: Path
@@ -597,10 +598,9 @@ def _iter_image(path, fp, img, indices, frames, max_pixels) -> Iterator[PageImag
                         _check_pixels(path, img, max_pixels)
                     img.load()
                     bits = _declared_bits(path, img)  # before exif_transpose drops the tags
-                    colour_bits = _colour16_bits(path, img)
                     frame = ImageOps.exif_transpose(img) or img
-                    if colour_bits is not None:
-                        frame = _stretch_high_bytes(frame, colour_bits)
+                    if bits is not None and frame.mode in ("RGB", "RGBA"):
+                        frame = _stretch_high_bytes(frame, bits)
                     rgb = _to_rgb(frame, bits)
                     rgb.info.pop("exif", None)  # applied; later readers would warn again
                 except InputError:
@@ -622,55 +622,47 @@ def _iter_image(path, fp, img, indices, frames, max_pixels) -> Iterator[PageImag
         fp.close()
 
 
-def _png_sbit(path: Path) -> bytes | None:
-    """A PNG's sBIT chunk (significant bits per channel), which Pillow does not expose; it must
-    precede the image data."""
+def _png_depth_and_sbit(path: Path) -> tuple[int, bytes | None]:
+    """A PNG's bit depth (IHDR) and its sBIT chunk (significant bits per channel), which Pillow
+    does not expose; sBIT must precede the image data."""
     with open(path, "rb") as f:
-        f.seek(8)
-        while len(head := f.read(8)) == 8:
-            n, kind = struct.unpack(">I4s", head)
+        head = f.read(33)  # signature, IHDR
+        depth = head[24] if len(head) == 33 and head[12:16] == b"IHDR" else 0
+        while len(chunk := f.read(8)) == 8:
+            n, kind = struct.unpack(">I4s", chunk)
             if kind == b"sBIT":
-                return f.read(min(n, 4))
+                return depth, f.read(min(n, 4))
             if kind in (b"IDAT", b"IEND"):
-                return None
+                break
             f.seek(n + 4, os.SEEK_CUR)  # data and CRC
-    return None
+    return depth, None
 
 
 def _declared_bits(path: Path, img: Image.Image) -> int | None:
-    """The significant bits a 16-bit greyscale image's file declares, or None: a PNG's sBIT
-    chunk (1 to 16), a TIFF's BitsPerSample (tag 258) below 16 (12-bit packed samples, which
-    Pillow unpacks to 16 bits). A TIFF's BitsPerSample of 16 is only the container size."""
-    if not img.mode.startswith("I;16"):
+    """For a frame of a 16-bit-per-sample file, the significant bits its file declares, 0 when
+    it declares none; None for any other image.
+
+    16-bit greyscale (``I;16*``): a PNG's sBIT (1 to 16), a TIFF's BitsPerSample below 16
+    (12-bit packed samples, which Pillow unpacks to 16 bits); a TIFF's BitsPerSample of 16 is
+    only the container size. 16-bit colour, which Pillow reads as 8-bit RGB(A) keeping each
+    sample's high byte: a PNG's sBIT (largest colour channel)."""
+    grey = img.mode.startswith("I;16")
+    if not grey and img.mode not in ("RGB", "RGBA"):
         return None
     if img.format == "PNG":
-        sbit = _png_sbit(path)
-        return sbit[0] if sbit and 1 <= sbit[0] <= 16 else None
-    if img.format == "TIFF":
-        bps = img.tag_v2.get(258)
-        bps = bps[0] if isinstance(bps, tuple) and bps else bps
-        return bps if isinstance(bps, int) and 1 <= bps < 16 else None
-    return None
-
-
-def _colour16_bits(path: Path, img: Image.Image) -> int | None:
-    """For a 16-bit-per-sample colour PNG or TIFF, which Pillow reads as 8-bit RGB(A) keeping
-    each sample's high byte: the significant bits its file declares (a PNG's sBIT, largest
-    colour channel), 0 when it declares none; None for any other image."""
-    if img.mode not in ("RGB", "RGBA"):
-        return None
-    if img.format == "PNG":
-        with open(path, "rb") as f:
-            head = f.read(26)
-        if len(head) < 26 or head[12:16] != b"IHDR" or head[24] != 16 or head[25] not in (2, 6):
+        depth, sbit = _png_depth_and_sbit(path)
+        if grey:
+            return sbit[0] if sbit and 1 <= sbit[0] <= 16 else 0
+        if depth != 16:
             return None
-        sbit = _png_sbit(path)
         return max(sbit[:3]) if sbit and len(sbit) >= 3 else 0
     if img.format == "TIFF":
         bps = img.tag_v2.get(258)
         bps = bps if isinstance(bps, tuple) else (bps,)
+        if grey:
+            return bps[0] if bps and isinstance(bps[0], int) and 1 <= bps[0] < 16 else 0
         return 0 if bps and all(b == 16 for b in bps) else None
-    return None
+    return 0 if grey else None
 
 
 def _stretch_high_bytes(img: Image.Image, bits: int) -> Image.Image:
@@ -697,11 +689,11 @@ def _to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
 
     16-bit greyscale (``I;16*``) is mapped to 0..255 from 0..``top`` (truncated): ``top`` is
     ``2**bits - 1`` when the file declares its significant ``bits`` (:func:`_declared_bits`: a
-    PNG's sBIT, a TIFF's BitsPerSample below 16); otherwise 4095 when the image's maximum is at
-    most 4095 (12-bit samples in a 16-bit file, as many scanners and medical or industrial
-    cameras write: divided by 65535 such a page would come out almost black), else 65535. So a
-    genuine 16-bit image whose brightest pixel is at most 4095 is brightened 16 times unless its
-    PNG says sBIT 16. 32-bit integer and float images use 255 or, with values over 255, 65535;
+    PNG's sBIT, a TIFF's BitsPerSample below 16; 0 or None: undeclared); otherwise 4095 when
+    the image's maximum is at most 4095 (12-bit samples in a 16-bit file, as many scanners and
+    medical or industrial cameras write: divided by 65535 such a page would come out almost
+    black), else 65535. So a genuine 16-bit image whose brightest pixel is at most 4095 is
+    brightened 16 times unless its PNG says sBIT 16. 32-bit integer and float images use 255 or, with values over 255, 65535;
     float images in [0, 1] use 1.
     """
     mode = img.mode

@@ -213,9 +213,7 @@ class Bases:
 
     __slots__ = ("forced", "prev")
 
-    def __init__(self, direction: str = "auto"):
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    def __init__(self, direction: str = "auto"):  # one of DIRECTIONS (PageStyle checks it)
         self.forced = None if direction == "auto" else direction == "rtl"
         self.prev = False
 
@@ -353,8 +351,9 @@ def line_ops(
     [x0, x0 + width] if rtl (the paragraph's base direction; then faces must not be None).
 
     Lines with right-to-left text or base direction are ordered by ``_bidi_levels``: runs of one
-    face and level, reversed per UAX #9 rule L2; raqm shapes and orders inside an RTL face's run, and a run of
-    another face at an odd level (brackets, punctuation) is drawn reversed with mirrored glyphs.
+    face and level, reversed per UAX #9 rule L2; raqm shapes and orders inside an RTL face's run,
+    and a run of another face at an odd level (brackets, punctuation) is drawn reversed with
+    mirrored glyphs.
     Such an op carries a sixth field: its characters in drawn order, unmirrored.
     """
     while e > s and text[e - 1] == " ":

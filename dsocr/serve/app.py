@@ -70,6 +70,7 @@ from dsocr.language.tokenizer import build_prompt_ids
 from dsocr.pipeline.providers import (
     IMAGE_TYPE_NAMES,
     MAX_PIXELS,
+    UNSUPPORTED_TYPE,
     InputError,
     count_pages,
     iter_pages,
@@ -912,7 +913,7 @@ def create_app(
         if kind is None:
             raise APIError(
                 400,
-                "unsupported file type (expected a PDF or a PNG/JPEG/TIFF/WebP/BMP/GIF/AVIF/HEIC image)",
+                UNSUPPORTED_TYPE,
                 code="invalid_file",
             )
         options: dict[str, Any] = {}
