@@ -9,14 +9,18 @@ installed is skipped):
   companions, the FHS), ``gnu-standards`` (the GNU coding standards, the maintainers' guide);
 - packaged corpora: ``fortunes``, ``fortunes-de``, ``fortunes-ru``, ``fortunes-zh`` (quotations,
   poems, jokes: en, de, ru, zh) and ``bible-kjv-text`` (the King James Bible, read with the
-  ``bible`` program of ``bible-kjv``).
+  ``bible`` program of ``bible-kjv``);
+- man pages, rendered to plain text by ``groff``: ``manpages`` (en), ``manpages-de``,
+  ``manpages-fr``, ``manpages-ru``, ``manpages-ja``, ``manpages-zh`` (zh_CN and zh_TW); only
+  these packages' files are read, not the man pages of whatever else is installed.
 
 Install them first (as root)::
 
     apt-get install -y --no-install-recommends debian-handbook debian-reference-en \\
         debian-reference-de debian-reference-fr debian-reference-ja debian-reference-zh-cn \\
         python3.11-doc debian-faq debian-policy gnu-standards fortunes fortunes-de \\
-        fortunes-ru fortunes-zh bible-kjv-text bible-kjv
+        fortunes-ru fortunes-zh bible-kjv-text bible-kjv manpages manpages-de manpages-fr \\
+        manpages-ru manpages-ja manpages-zh man-db groff-base
 
 Then::
 
@@ -25,11 +29,14 @@ Then::
 ``--sources debian-handbook,debian-reference,python3.11-doc`` builds the HTML-only corpus that
 dsocr-mini's CPU phases (docs/training.md) were trained on: row order and text are unchanged for
 those sources, so it is byte-identical to the corpus before the plain-text sources were added.
+Man pages come last in the same way: without them (not installed, or not named in ``--sources``)
+the corpus is the one built before they were added.
 
 A plain-text document or a fortune file is cut at paragraph boundaries into documents of about
 ``CHUNK_CHARS`` characters (training draws a document uniformly, so a 900 KB manual and a 20 KB
 HTML chapter weigh alike per character); a manual's chunks are held out one by one, a fortune
-file or a Bible book as a whole.
+file or a Bible book as a whole. A man page is one document (cut the same way when it is long),
+held out in every language at once, like a handbook chapter.
 
 The held-out split is by *document group*: a chapter is held out in every language at once, so no
 translation of a held-out chapter reaches training. Membership is a hash of the group name, so it
@@ -46,10 +53,13 @@ import gzip
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -160,7 +170,33 @@ SOURCES = (
     "gnu-standards",
     "fortunes",
     "bible-kjv",
+    "manpages",
 )
+# Man page packages: ``manpages`` (en) holds MAN_ROOT/man*/, the others MAN_ROOT/<locale>/man*/.
+# Only their own files are read (``dpkg-query -L``), so other packages' man pages do not count.
+MAN_ROOT = Path("/usr/share/man")
+MAN_PACKAGES = (
+    "manpages",
+    "manpages-de",
+    "manpages-fr",
+    "manpages-ru",
+    "manpages-ja",
+    "manpages-zh",
+)
+# groff, fixed: 80 columns, UTF-8 in (-K) and out, no hyphenation, one long page (-rcR=1), no
+# bold, underline or colour (-P-cbu), tbl always; the preamble: no hyphenation, no adjustment.
+MAN_GROFF = (
+    *("-mandoc", "-Tutf8", "-Kutf-8", "-t"),
+    *("-rLL=80n", "-rLT=80n", "-rHY=0", "-rcR=1", "-P-cbu"),
+)
+MAN_PREAMBLE = ".nh\n.ad l\n"
+MAN_TIMEOUT = 60  # seconds per page
+MAN_JOBS = min(4, os.cpu_count() or 1)  # groff processes at once (the output does not change)
+# The title line groff puts first ("LS(1)   User Commands   LS(1)", a blank line under it); the
+# footer ("GNU coreutils 9.1   September 2022   LS(1)") comes with it, last, after a blank line.
+_MAN_TITLE = re.compile(r"\s*\S.*\(\S*\)\s*")
+# A page whose first request is ``.so``: an alias of another page.
+_MAN_ALIAS = re.compile(r"(?:[ \t]*\n|[.'][ \t]*(?:\\[\"#].*)?\n)*[.'][ \t]*so[ \t]")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _OVERSTRIKE = re.compile(r".\x08")  # nroff bold/underline: "X\bX", "_\bX"
 _RULE = re.compile(r"[-=*_~#+.\s]+")  # a line of rule characters (underlines, separators)
@@ -321,6 +357,101 @@ def _bible_sources(skipped):
             yield (f"bible-kjv/{book}/{k}", f"bible-kjv/{book}", "en", "bible-kjv", text)
 
 
+def _man_pages() -> list[tuple[str, str, str, Path]]:
+    """(locale, section folder, name, path) of each page file of MAN_PACKAGES that is installed,
+    sorted; the locale of MAN_ROOT/man*/ is "en". Symbolic links (aliases) are left out."""
+    exe = shutil.which("dpkg-query")
+    if exe is None:
+        return []
+    pages = []
+    for pkg in MAN_PACKAGES:
+        try:
+            res = subprocess.run([exe, "-L", pkg], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if res.returncode:  # not installed
+            continue
+        for line in res.stdout.decode("utf-8", errors="replace").splitlines():
+            path = Path(line)
+            if not path.is_relative_to(MAN_ROOT):
+                continue
+            rel = path.relative_to(MAN_ROOT).parts
+            if len(rel) not in (2, 3) or not re.fullmatch(r"man\w+", rel[-2]):
+                continue
+            if path.is_symlink() or not path.is_file():
+                continue
+            name = rel[-1].removesuffix(".gz").removesuffix("." + rel[-2][3:])
+            pages.append((rel[0] if len(rel) == 3 else "en", rel[-2], name, path))
+    return sorted(pages)
+
+
+def _render_man(groff: str, path: Path) -> str | None:
+    """A man page file (roff, gzipped or not) -> its text, without the title line and the
+    footer; None for a ``.so`` alias. Raises OSError, EOFError, zlib.error or SubprocessError."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    src = data.decode("utf-8", errors="replace")
+    if _MAN_ALIAS.match(src):
+        return None
+    hint = re.match(r"['.]\\\" ([a-z]+)[ \t]*\n", src)  # preprocessors: '\" te
+    pre = [f"-{c}" for c in "ep" if hint and c in hint.group(1)]
+    res = subprocess.run(
+        [groff, *MAN_GROFF, *pre],
+        input=(MAN_PREAMBLE + src).encode(),
+        capture_output=True,
+        timeout=MAN_TIMEOUT,
+        cwd="/",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"},
+    )
+    if res.returncode:
+        err = res.stderr.decode("utf-8", errors="replace").strip().splitlines()
+        raise subprocess.SubprocessError(
+            f"groff exit status {res.returncode}: {err[-1] if err else ''}"
+        )
+    lines = _OVERSTRIKE.sub("", _ANSI.sub("", res.stdout.decode("utf-8", errors="replace")))
+    lines = [x.rstrip() for x in lines.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    while lines and not lines[0]:
+        lines.pop(0)
+    if len(lines) > 2 and _MAN_TITLE.fullmatch(lines[0]) and not lines[1]:
+        lines.pop(0)
+        if not lines[-2]:
+            lines.pop()
+    return "\n".join(lines)
+
+
+def _man_sources(skipped):
+    """Man pages (MAN_PACKAGES), rendered by groff in MAN_JOBS processes, in page order: a page
+    is one held-out group in all its languages (``manpages/man1/ls``), cut into chunks when it is
+    long; aliases are left out."""
+    groff = shutil.which("groff")
+    pages = _man_pages() if groff else []
+
+    def render(page):
+        try:
+            return _render_man(groff, page[3]), None
+        except (OSError, EOFError, zlib.error, subprocess.SubprocessError) as e:
+            return None, e
+
+    with ThreadPoolExecutor(MAN_JOBS) as pool:
+        try:
+            for (locale, section, name, path), (text, err) in zip(pages, pool.map(render, pages)):
+                doc = f"manpages/{locale}/{section}/{name}"
+                if err is not None:
+                    _skip(skipped, doc, path, err)
+                    continue
+                if text is None:  # a .so alias
+                    continue
+                group, lang = f"manpages/{section}/{name}", locale.split("_")[0]
+                parts = chunks(text_paragraphs(text))
+                for k, part in enumerate(parts):
+                    yield (f"{doc}/{k}" if len(parts) > 1 else doc, group, lang, "manpages", part)
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
 def sources(only=None, skipped: dict | None = None):
     """(doc id, group, lang, source, path or text) for every document found: a ``Path`` is an
     HTML file (read by ``build``), a ``str`` is the document's text already. ``only``: the
@@ -336,6 +467,8 @@ def sources(only=None, skipped: dict | None = None):
         gens.append(_fortune_sources(skipped))
     if "bible-kjv" in wanted:
         gens.append(_bible_sources(skipped))
+    if "manpages" in wanted:
+        gens.append(_man_sources(skipped))
     for doc in itertools.chain(*gens):
         if doc[3] in wanted:
             yield doc

@@ -1,14 +1,16 @@
 """build_corpus's plain-text sources and packaged corpora: paragraphs, chunks, fortunes, the
-Bible, source selection, and held-out grouping."""
+Bible, man pages, source selection, and held-out grouping."""
 
 import gzip
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import build_corpus  # noqa: E402
+import pytest  # noqa: E402
 
 
 def test_text_paragraphs_join_wrapped_lines_and_keep_short_ones():
@@ -76,6 +78,7 @@ def _fake_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(build_corpus, "TEXT_DOCS", (("debian-faq", "faq", "en", str(manual)),))
     monkeypatch.setattr(build_corpus, "BIBLE_DATA", tmp_path / "bible.data")
     monkeypatch.setattr(build_corpus, "_html_sources", lambda: iter(()))
+    monkeypatch.setattr(build_corpus, "MAN_PACKAGES", ())  # not the machine's man pages
     monkeypatch.setenv("PATH", f"{bible.parent}{os.pathsep}{os.environ['PATH']}")
 
 
@@ -118,6 +121,7 @@ def test_sources_option_keeps_only_the_named_sources(tmp_path, monkeypatch, caps
     _fake_sources(tmp_path, monkeypatch)
     assert {d[3] for d in build_corpus.sources(only=["fortunes"])} == {"fortunes"}
     monkeypatch.setattr(build_corpus, "_bible_sources", None)  # not even started when unwanted
+    monkeypatch.setattr(build_corpus, "_man_sources", None)
     assert {d[3] for d in build_corpus.sources(only=["debian-faq"])} == {"debian-faq"}
     out = tmp_path / "corpus"
     assert (
@@ -145,3 +149,94 @@ def test_corpus_identity_names_the_heldout_file_its_digest_and_sources(tmp_path,
     )
     (out / "manifest.json").unlink()  # a bare file: its digest only
     assert corpus_identity(out, tmp_path) == f"`corpus/heldout.jsonl` (sha256 {digest})"
+
+
+MAN_PAGE = r""".\" A comment line before the page
+.TH DEMO 1 "2024-01-02" "demo 1.5" "User Commands"
+.SH NAME
+demo \(em show a demonstration
+.SH DESCRIPTION
+.B demo
+shows a \fIdemonstration\fR of something that takes a long sentence to describe, so that
+this paragraph wraps across several lines of the rendered page without hyphenation of its
+words: internationalization, characterization and responsibilities.
+"""
+
+
+def _fake_man(tmp_path, monkeypatch):
+    """A man tree like /usr/share/man: an en, a de and a zh_CN page, a .so alias, a symbolic
+    link, a broken gzip file, a page groff fails on, a long page, and a page of another package;
+    a fake dpkg-query lists the files of ``manpages``, ``manpages-de`` and ``manpages-zh``."""
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed")
+    man = tmp_path / "man"
+    (man / "man1").mkdir(parents=True)
+    (man / "de" / "man1").mkdir(parents=True)
+    (man / "zh_CN" / "man1").mkdir(parents=True)
+    (man / "man1" / "demo.1.gz").write_bytes(gzip.compress(MAN_PAGE.encode()))
+    (man / "de" / "man1" / "demo.1").write_text(
+        MAN_PAGE.replace("NAME", "BEZEICHNUNG").replace("shows a", "zeigt über"),
+        encoding="utf-8",
+    )
+    (man / "zh_CN" / "man1" / "demo.1").write_text(
+        MAN_PAGE.replace("NAME", "名称"), encoding="utf-8"
+    )
+    (man / "man1" / "alias.1").write_text(f'.\\" an alias\n.so {man / "man1" / "other.1"}\n')
+    (man / "man1" / "link.1.gz").symlink_to("demo.1.gz")
+    (man / "man1" / "broken.1.gz").write_bytes(b"\x1f\x8bnot gzip at all")
+    (man / "man1" / "aborts.1").write_text(".TH ABORTS 1\n.SH NAME\nx\n.ab this page aborts\n")
+    long = [".TH LONG 1", ".SH NAME", "long \\- a long page"]
+    long += [f".PP\nParagraph {i} of a long page: ".ljust(90, "x") for i in range(400)]
+    (man / "man1" / "long.1").write_text("\n".join(long) + "\n")
+    (man / "man1" / "other.1").write_text(MAN_PAGE)  # another package's page
+    lists = {
+        "manpages": [man, man / "man1", *(man / "man1" / f for f in ("demo.1.gz", "alias.1"))],
+        "manpages-de": [man / "de" / "man1", man / "de" / "man1" / "demo.1"],
+        "manpages-zh": [man / "zh_CN" / "man1" / "demo.1"],
+    }
+    lists["manpages"] += [
+        man / "man1" / f for f in ("link.1.gz", "broken.1.gz", "aborts.1", "long.1")
+    ]
+    dpkg = tmp_path / "bin" / "dpkg-query"
+    dpkg.parent.mkdir()
+    cases = "".join(f"{p}) printf '%s\\n' {' '.join(map(str, f))};; " for p, f in lists.items())
+    dpkg.write_text(f'#!/bin/sh\ncase "$2" in {cases}*) exit 1;; esac\n')
+    dpkg.chmod(0o755)
+    monkeypatch.setattr(build_corpus, "MAN_ROOT", man)
+    monkeypatch.setenv("PATH", f"{dpkg.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_man_pages_render_without_aliases_titles_or_footers(tmp_path, monkeypatch, capsys):
+    _fake_man(tmp_path, monkeypatch)
+    skipped = {}
+    docs = list(build_corpus.sources(only=["manpages"], skipped=skipped))
+    by_id = {d: (g, lang, text) for d, g, lang, _, text in docs}
+    long = [d for d in by_id if d.startswith("manpages/en/man1/long/")]
+    demo = {f"manpages/{x}/man1/demo" for x in ("en", "de", "zh_CN")}
+    assert set(by_id) - set(long) == demo  # no alias, link, broken page, other package's page
+    assert not any("DEMO(1)" in t or "demo 1.5" in t for _, _, t in by_id.values())  # title, footer
+    # one page, one held-out group in every language
+    assert by_id["manpages/en/man1/demo"][:2] == ("manpages/man1/demo", "en")
+    assert by_id["manpages/de/man1/demo"][:2] == ("manpages/man1/demo", "de")
+    assert by_id["manpages/zh_CN/man1/demo"][:2] == ("manpages/man1/demo", "zh")
+    assert by_id["manpages/en/man1/demo"][2].split("\n") == [
+        "NAME",
+        "demo \u2014 show a demonstration",
+        "DESCRIPTION",
+        "demo shows a demonstration of something that takes a long sentence to describe, so "
+        "that this paragraph wraps across several lines of the rendered page without "
+        "hyphenation of its words: internationalization, characterization and "
+        "responsibilities.",
+    ]
+    assert by_id["manpages/de/man1/demo"][2].startswith("BEZEICHNUNG\ndemo \u2014 show")
+    assert "demo zeigt über demonstration of" in by_id["manpages/de/man1/demo"][2]
+    # a long page: cut into chunks, one group
+    assert len(long) > 1 and {by_id[d][0] for d in long} == {"manpages/man1/long"}
+    assert "Paragraph 399 of a long page" in by_id[long[-1]][2]
+    assert skipped == {"unreadable": 2}
+    err = capsys.readouterr().err
+    assert "skipped manpages/en/man1/broken: cannot read" in err
+    assert "skipped manpages/en/man1/aborts: cannot read" in err
+    assert "groff exit status 1: this page aborts" in err
+    monkeypatch.setattr(build_corpus, "MAN_JOBS", 1)  # the same output from one process
+    assert list(build_corpus.sources(only=["manpages"])) == docs
