@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Re-bundle the CPU dsocr-mini from a checkpoint (default runs/mini-cpu/latest; phase 14 used
-# runs/mini-cpu-s11/latest) and regenerate every report that measures it (docs/training.md §4). Run
+# Re-bundle the CPU dsocr-mini from a checkpoint (default runs/mini-cpu/latest; phase 16 used
+# runs/mini-cpu-s13/latest) and regenerate every report that measures it (docs/training.md §4). Run
 # from the repository root with .venv active, on an otherwise idle machine (the reports time
 # things). About 5 minutes on 2 cores. The hand-written notes of compression.md, memory.md and
 # eval.md (their <!-- notes: ... --> blocks) are kept, so check their numbers against the new
