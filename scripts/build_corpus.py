@@ -388,10 +388,7 @@ def _man_pages() -> list[tuple[str, str, str, Path]]:
 def _render_man(groff: str, path: Path) -> str | None:
     """A man page file (roff, gzipped or not) -> its text, without the title line and the
     footer; None for a ``.so`` alias. Raises OSError, EOFError, zlib.error or SubprocessError."""
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    src = data.decode("utf-8", errors="replace")
+    src = _read_text(path)
     if _MAN_ALIAS.match(src):
         return None
     hint = re.match(r"['.]\\\" ([a-z]+)[ \t]*\n", src)  # preprocessors: '\" te
