@@ -6,6 +6,7 @@
 # eval.md (their <!-- notes: ... --> blocks) are kept, so check their numbers against the new
 # tables afterwards.
 set -euo pipefail
+pip install --quiet --disable-pip-version-check -e ".[eval]"  # the peers: tesserocr, rapidocr
 # The default mode is measured on held-out pages of every trained mode (bundle_model.py; phase 12
 # shipped with an explicit --default-mode tiny before that rule existed).
 python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
