@@ -2,11 +2,21 @@
 # Re-bundle the CPU dsocr-mini from a checkpoint (default runs/mini-cpu/latest; phase 16 used
 # runs/mini-cpu-s13/latest) and regenerate every report that measures it (docs/training.md §4). Run
 # from the repository root with .venv active, on an otherwise idle machine (the reports time
-# things). About 5 minutes on 2 cores. The hand-written notes of compression.md, memory.md and
-# eval.md (their <!-- notes: ... --> blocks) are kept, so check their numbers against the new
-# tables afterwards.
+# things). About 13 minutes on 2 cores (2026-12-08: mini.md 2, eval.md 10, the rest 1). The
+# hand-written notes of compression.md, memory.md and eval.md (their <!-- notes: ... --> blocks)
+# are kept, so check their numbers against the new tables afterwards.
 set -euo pipefail
 pip install --quiet --disable-pip-version-check -e ".[eval]"  # the peers: tesserocr, rapidocr
+# Tesseract needs the language data of every eval set; without it `dsocr eval` skips that peer
+# (exit 3) after minutes of work, so check first.
+missing=()
+for lang in eng deu fra jpn chi_sim; do
+    [ -f "/usr/share/tesseract-ocr/5/tessdata/$lang.traineddata" ] || missing+=("tesseract-ocr-${lang/_/-}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "rebench.sh: Tesseract language data missing: apt-get install ${missing[*]}" >&2
+    exit 1
+fi
 # The default mode is measured on held-out pages of every trained mode (bundle_model.py; phase 12
 # shipped with an explicit --default-mode tiny before that rule existed).
 python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
