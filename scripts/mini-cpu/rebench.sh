@@ -7,23 +7,26 @@
 # are kept, so check their numbers against the new tables afterwards.
 set -euo pipefail
 pip install --quiet --disable-pip-version-check -e ".[eval]"  # the peers: tesserocr, rapidocr
-# Tesseract needs the language data of every eval set; without it `dsocr eval` skips that peer
-# (exit 3) after minutes of work, so check first.
-missing=()
-for lang in eng deu fra jpn chi_sim; do
-    [ -f "/usr/share/tesseract-ocr/5/tessdata/$lang.traineddata" ] || missing+=("tesseract-ocr-${lang/_/-}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "rebench.sh: Tesseract language data missing: apt-get install ${missing[*]}" >&2
-    exit 1
-fi
+# every eval set scripts/build_eval_sets.py built (rendered-en, rendered-md-en, pdf-debref-<lang>)
+sets=()
+for d in data/eval/rendered-en data/eval/rendered-md-en data/eval/pdf-debref-*; do [ -d "$d" ] && sets+=(--dataset "$d"); done
+# Without a set's Tesseract language data `dsocr eval` skips that peer (exit 3) after minutes of
+# work, so ask the peer's own lookup for every set's language first.
+python - "${sets[@]}" <<'PY'
+import sys
+
+from dsocr.eval.datasets import load_datasets
+from dsocr.eval.peers import TesseractPeer
+
+langs = sorted({p.lang for p in load_datasets(sys.argv[2::2], limit=1)})
+missing = [why for ok, why in map(TesseractPeer().use_language, langs) if not ok]
+if missing:
+    sys.exit("rebench.sh: " + "; ".join(missing))
+PY
 # The default mode is measured on held-out pages of every trained mode (bundle_model.py; phase 12
 # shipped with an explicit --default-mode tiny before that rule existed).
 python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
 python bench/mini.py --pages 32 --table2-pages 1 --pdf-pages 5
-# every eval set scripts/build_eval_sets.py built (rendered-en, rendered-md-en, pdf-debref-<lang>)
-sets=()
-for d in data/eval/rendered-en data/eval/rendered-md-en data/eval/pdf-debref-*; do [ -d "$d" ] && sets+=(--dataset "$d"); done
 dsocr eval --model dsocr-mini --mode tiny,small,base --max-new-tokens 512 "${sets[@]}" \
     --peers tesseract,rapidocr -o docs/benchmarks/eval.md --json docs/benchmarks/eval.json
 python bench/compression.py --pages-per-bucket 1 --scrambled 2 --long-tokens 2000
