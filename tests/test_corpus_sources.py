@@ -1,5 +1,5 @@
 """build_corpus's plain-text sources and packaged corpora: paragraphs, chunks, fortunes, the
-Bible, man pages, source selection, and held-out grouping."""
+Bible, man pages, Wikipedia, source selection, and held-out grouping."""
 
 import gzip
 import json
@@ -79,6 +79,7 @@ def _fake_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(build_corpus, "BIBLE_DATA", tmp_path / "bible.data")
     monkeypatch.setattr(build_corpus, "_html_sources", lambda: iter(()))
     monkeypatch.setattr(build_corpus, "MAN_PACKAGES", ())  # not the machine's man pages
+    monkeypatch.setattr(build_corpus, "_wiki_folder", lambda: None)  # nor its Wikipedia
     monkeypatch.setenv("PATH", f"{bible.parent}{os.pathsep}{os.environ['PATH']}")
 
 
@@ -122,6 +123,7 @@ def test_sources_option_keeps_only_the_named_sources(tmp_path, monkeypatch, caps
     assert {d[3] for d in build_corpus.sources(only=["fortunes"])} == {"fortunes"}
     monkeypatch.setattr(build_corpus, "_bible_sources", None)  # not even started when unwanted
     monkeypatch.setattr(build_corpus, "_man_sources", None)
+    monkeypatch.setattr(build_corpus, "_wiki_sources", None)
     assert {d[3] for d in build_corpus.sources(only=["debian-faq"])} == {"debian-faq"}
     out = tmp_path / "corpus"
     assert (
@@ -240,3 +242,43 @@ def test_man_pages_render_without_aliases_titles_or_footers(tmp_path, monkeypatc
     assert "groff exit status 1: this page aborts" in err
     monkeypatch.setattr(build_corpus, "MAN_JOBS", 1)  # the same output from one process
     assert list(build_corpus.sources(only=["manpages"])) == docs
+
+
+def test_wikipedia_summaries_are_chunked_in_title_order_one_group_per_chunk(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    arts = {
+        f"Topic {i:03d}": {
+            "title": f"Topic {i:03d}",
+            "extract": f"Topic {i:03d} is a thing.\n  It   has a second paragraph {i}.\n\n",
+            "description": "d",
+        }
+        for i in range(300)
+    }
+    arts["Empty"] = {"title": "Empty", "extract": None}
+    (data / "summaries_en-us.json").write_text(json.dumps(dict(reversed(arts.items()))))
+    (data / "summaries_fr-fr.json").write_text("{not json")
+    skipped = {"unreadable": 0}
+    chunks = build_corpus.chunks
+    monkeypatch.setattr(build_corpus, "chunks", lambda paras: chunks(paras, size=2000))
+    docs = list(build_corpus._wiki_sources(skipped, folder=data))
+    assert skipped["unreadable"] == 1  # the broken fr file, named on stderr; es is absent
+    assert {(lang, src) for _, _, lang, src, _ in docs} == {("en", "wikipedia")}
+    assert len(docs) > 3 and all(d == g for d, g, _, _, _ in docs)  # a chunk is its own group
+    lines = "\n".join(t for *_, t in docs).split("\n")
+    assert lines[:3] == [
+        "Topic 000 is a thing.",
+        "It has a second paragraph 0.",
+        "Topic 001 is a thing.",
+    ]
+    assert len(lines) == 600
+
+
+def test_wikipedia_folder_is_found_without_importing_the_package(tmp_path, monkeypatch):
+    pkg = tmp_path / build_corpus.WIKI_PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('its runtime dependencies are missing')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert build_corpus._wiki_folder() == pkg / "data"
+    monkeypatch.setattr(build_corpus, "WIKI_PACKAGE", "no_such_package_here")
+    assert build_corpus._wiki_folder() is None
