@@ -20,6 +20,12 @@ of 1.2x the reference in the model's tokens + 32, batched by the engine (``OCR.r
     python bench/mini.py                                   # bundled dsocr-mini
     python bench/mini.py --model runs/mini-cpu/best --pages 48 --table2-pages 3
     python bench/mini.py --model tiny --pages 2 --table2-pages 1 --pdf-pages 1 --out /tmp/m.md
+    python bench/mini.py --model runs/x/latest --out /tmp/x.md --compare docs/benchmarks/mini.json
+
+``--compare OLD.json`` (another run's saved results, same seed, corpus and recipe) adds a paired
+comparison: the CER difference on the very same held-out pages, with a bootstrap 95% interval over
+pages. Page ``i`` of a seed is the same page whatever ``--pages`` is, so a 256-page run compares
+with a 32-page one on their first 32 pages.
 """
 
 from __future__ import annotations
@@ -125,6 +131,44 @@ def buckets(rows: list[dict], mode: str) -> list[dict]:
         if inside:
             out.append({"lo": lo, "hi": hi, **summarise(inside, mode)})
     return out
+
+
+def paired(new: list[dict], old: list[dict], seed: int = 0, draws: int = 2000) -> dict | None:
+    """Per-page CER of two runs on the same held-out pages (their common first pages): the mean
+    difference new - old (negative: the new model reads better), a bootstrap 95% interval of it
+    over pages, and the pages that got better or worse. None when the pages differ (another seed,
+    corpus or recipe): their reference text or V3 token counts do not match."""
+    n = min(len(new), len(old))
+    same = all(
+        a["reference_head"] == b["reference_head"] and a["v3_tokens"] == b["v3_tokens"]
+        for a, b in zip(new[:n], old[:n])
+    )
+    if not n or not same:
+        return None
+    d = [a["cer"] - b["cer"] for a, b in zip(new[:n], old[:n])]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(d, k=n)) for _ in range(draws))
+    return {
+        "pages": n,
+        "old_cer": mean(b["cer"] for b in old[:n]),
+        "new_cer": mean(a["cer"] for a in new[:n]),
+        "diff": statistics.fmean(d),
+        "lo": means[int(0.025 * draws)],
+        "hi": means[int(0.975 * draws) - 1],
+        "better": sum(x < 0 for x in d),
+        "worse": sum(x > 0 for x in d),
+    }
+
+
+def compare(res: dict, old: dict, label: str) -> dict:
+    """``paired`` per mode of ``res`` against another run's saved results ``old``."""
+    modes = [m for m in res["modes"] if m in old.get("heldout", {})]
+    return {
+        "against": label,
+        "model": old.get("model"),
+        "train_step": old.get("train_step"),
+        "modes": {m: paired(res["heldout"][m]["rows"], old["heldout"][m]["rows"]) for m in modes},
+    }
 
 
 def heldout_pages(ocr, args) -> dict:
@@ -260,6 +304,28 @@ def render(res: dict) -> str:
             f"{pdf['eos']}/{pdf['pages']} ended by EOS, {num(mean(r['seconds'] for r in pdf['rows']))} "
             "s/page.",
         ]
+    if res.get("compare"):
+        c = res["compare"]
+        L += [
+            "",
+            f"## 4. Against {c['against']}",
+            "",
+            f"The same held-out pages of section 1 read by `{c['model']}` (trained "
+            f"{c['train_step']} steps). Difference: this model's per-page CER minus that one's "
+            "(negative: this model reads better), its bootstrap 95% interval over pages.",
+            "",
+            "| mode | pages | CER then | CER now | difference | 95% interval | better | worse |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for mode, d in c["modes"].items():
+            if d is None:
+                L.append(f"| {mode} | not comparable: other pages (seed, corpus or recipe) |||||||")
+                continue
+            L.append(
+                f"| {mode} | {d['pages']} | {d['old_cer']:.3f} | {d['new_cer']:.3f} | "
+                f"{d['diff']:+.3f} | {d['lo']:+.3f} to {d['hi']:+.3f} | {d['better']} | "
+                f"{d['worse']} |"
+            )
     L += ["", "## Samples (held-out, first mode)", ""]
     for r in res["heldout"][res["modes"][0]]["rows"][:4]:
         L += [
@@ -287,12 +353,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--from-json", default=None, help="re-render the report from a saved .json (no model run)"
     )
+    p.add_argument("--compare", default=None, help="another run's .json: a paired comparison")
+    p.add_argument("--compare-label", default=None, help="what --compare is (default: its path)")
     args = p.parse_args(argv)
+    old = None
+    if args.compare:
+        try:
+            old = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: --compare {args.compare}: {e}", file=sys.stderr)
+            return 2
+    label = args.compare_label or args.compare
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
         for mode in res["modes"]:
             h = res["heldout"][mode]
             h["all"], h["buckets"] = summarise(h["rows"], mode), buckets(h["rows"], mode)
+        if old is not None:
+            res["compare"] = compare(res, old, label)
         save_report(args.out, render(res))
         print(f"re-rendered {args.out} from {args.from_json}")
         return 0
@@ -314,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     res["heldout"] = heldout_pages(ocr, args)
     res["table2"] = table2(ocr, args)
     res["pdf"] = pdf_pages(ocr, args)
+    if old is not None:
+        res["compare"] = compare(res, old, label)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_report(out, render(res))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Re-bundle the CPU dsocr-mini from a checkpoint (default runs/mini-cpu/latest; phase 16 used
-# runs/mini-cpu-s13/latest) and regenerate every report that measures it (docs/training.md §4). Run
+# Re-bundle the CPU dsocr-mini from a checkpoint (default runs/mini-cpu/latest; phase 19 used
+# runs/mini-cpu-s16/latest --corpus data/corpus: arguments after the first go to bundle_model.py)
+# and regenerate every report that measures it (docs/training.md §4). Run
 # from the repository root with .venv active, on an otherwise idle machine (the reports time
 # things). About 13 minutes on 2 cores (2026-12-08: mini.md 2, eval.md 10, the rest 1). The
 # hand-written notes of compression.md, memory.md and eval.md (their <!-- notes: ... --> blocks)
@@ -25,8 +26,9 @@ if missing:
 PY
 # The default mode is measured on held-out pages of every trained mode (bundle_model.py; phase 12
 # shipped with an explicit --default-mode tiny before that rule existed).
-python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}"
-python bench/mini.py --pages 32 --table2-pages 1 --pdf-pages 5
+python scripts/bundle_model.py "${1:-runs/mini-cpu/latest}" "${@:2}"
+# 256 pages per mode (2 minutes): 32 could not tell phases 17 and 18 apart, 256 could.
+python bench/mini.py --pages 256 --table2-pages 1 --pdf-pages 5
 dsocr eval --model dsocr-mini --mode tiny,small,base --max-new-tokens 512 "${sets[@]}" \
     --peers tesseract,rapidocr -o docs/benchmarks/eval.md --json docs/benchmarks/eval.json
 python bench/compression.py --pages-per-bucket 1 --scrambled 2 --long-tokens 2000
