@@ -310,9 +310,10 @@ def render(res: dict) -> str:
             "",
             f"## 4. Against {c['against']}",
             "",
-            f"The same held-out pages of section 1 read by `{c['model']}` (trained "
-            f"{c['train_step']} steps). Difference: this model's per-page CER minus that one's "
-            "(negative: this model reads better), its bootstrap 95% interval over pages.",
+            f"The same held-out pages of section 1 read by that model (its run's `--model` was "
+            f"`{c['model']}`, trained {c['train_step']} steps). Difference: this model's per-page "
+            "CER minus that one's (negative: this model reads better), its bootstrap 95% "
+            "interval over pages.",
             "",
             "| mode | pages | CER then | CER now | difference | 95% interval | better | worse |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
