@@ -21,6 +21,7 @@ of 1.2x the reference in the model's tokens + 32, batched by the engine (``OCR.r
     python bench/mini.py --model runs/mini-cpu/best --pages 48 --table2-pages 3
     python bench/mini.py --model tiny --pages 2 --table2-pages 1 --pdf-pages 1 --out /tmp/m.md
     python bench/mini.py --model runs/x/latest --out /tmp/x.md --compare docs/benchmarks/mini.json
+    python bench/mini.py --font-sizes 24 --out /tmp/m24.md   # the training style, smaller text
 
 ``--compare OLD.json`` (another run's saved results, same seed, corpus and recipe) adds a paired
 comparison: the CER difference on the very same held-out pages, with a bootstrap 95% interval over
@@ -173,6 +174,8 @@ def compare(res: dict, old: dict, label: str) -> dict:
 
 def heldout_pages(ocr, args) -> dict:
     recipe = recipe_of(ocr, args.corpus)
+    if args.font_sizes:
+        recipe = replace(recipe, font_sizes=tuple(args.font_sizes))
     docs = recipe_docs(recipe.corpus, "heldout", tuple(recipe.langs))
     keys = ("langs", "font_sizes", "fonts", "min_chars", "max_chars", "scramble_prob")
     out = {"recipe": {k: getattr(recipe, k) for k in keys}}
@@ -344,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default=str(ROOT / "data" / "corpus"))
     p.add_argument("--modes", type=lambda s: s.split(","), default=["tiny", "small"])
     p.add_argument("--pages", type=int, default=48, help="held-out pages per mode")
+    p.add_argument(
+        "--font-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="section 1's font sizes in px, instead of the training recipe's (same text)",
+    )
     p.add_argument("--table2-pages", type=int, default=3, help="pages per Table 2 bucket")
     p.add_argument("--pdf-set", default=str(ROOT / "data" / "eval" / "pdf-debref-en"))
     p.add_argument("--pdf-pages", type=int, default=10)

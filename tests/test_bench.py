@@ -83,3 +83,20 @@ def test_mini_report_shows_the_comparison(tmp_path):
     assert "| tiny | 3 | 0.500 | 0.400 | -0.100 |" in text
     assert compare(result([0.1]), result([0.1], heads="z"), "x")["modes"]["tiny"] is None
     assert main(["--from-json", str(new), "--out", str(out), "--compare", str(tmp_path)]) == 2
+
+
+def test_mini_font_sizes_replace_the_recipes_in_section_1(tmp_path):
+    import types
+
+    from bench.mini import heldout_pages
+    from dsocr.api import load_model
+
+    row = {"doc": "d", "group": "d", "lang": "en", "source": "s", "text": "Some held-out text."}
+    (tmp_path / "heldout.jsonl").write_text(json.dumps(row) + "\n")
+    ocr = load_model("tiny", device="cpu")
+    args = types.SimpleNamespace(
+        corpus=str(tmp_path), font_sizes=[20], modes=["tiny"], pages=2, seed=0, batch_size=2
+    )
+    out = heldout_pages(ocr, args)
+    assert out["recipe"]["font_sizes"] == (20,)
+    assert len(out["tiny"]["rows"]) == 2
